@@ -1,0 +1,165 @@
+"""Granularity arithmetic and validation.
+
+Granularity ``G = d_ff / d_expert`` cuts every expert of a standard MoE into ``G`` smaller ones: the
+fine-grained layer has ``E*G`` experts, routes each token to ``k*G`` of them, and each expert's hidden
+size is ``d_ff / G`` (``--moe-ffn-hidden-size / G`` when that flag is given). Active parameters and
+FLOPs per token are unchanged; ``G = 1`` is the standard MoE.
+
+Every check raises :class:`GranularMoEConfigError` naming the Megatron flag and its valid values, before
+any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ROUTER_TYPES = ("token_choice", "expert_choice")
+DROP_POLICIES = ("probs", "position")
+
+
+class GranularMoEConfigError(ValueError):
+    """An invalid fine-grained MoE configuration; the message names the flag and the valid values."""
+
+
+@dataclass(frozen=True)
+class GranularShape:
+    """Fine-grained sizes derived from a standard MoE and a granularity."""
+
+    granularity: int
+    num_experts: int
+    topk: int
+    expert_hidden_size: int
+    expert_model_parallel_size: int = 1
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.expert_model_parallel_size
+
+
+def _divisors(n: int, limit: int = 16) -> str:
+    values = [d for d in range(1, n + 1) if n % d == 0]
+    shown = ", ".join(str(d) for d in values[:limit])
+    return shown + (", ..." if len(values) > limit else "")
+
+
+def _require_int(value, flag: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GranularMoEConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def granular_shape(
+    *,
+    num_experts: int,
+    topk: int,
+    ffn_hidden_size: int,
+    granularity: int = 1,
+    moe_ffn_hidden_size: int | None = None,
+    expert_model_parallel_size: int = 1,
+) -> GranularShape:
+    """Derive and validate the fine-grained experts, top-k and expert hidden size.
+
+    ``num_experts``, ``topk`` and the FFN sizes are the *base* (G = 1) values, as a user passes them with
+    ``--num-experts``, ``--moe-router-topk`` and ``--ffn-hidden-size`` / ``--moe-ffn-hidden-size``.
+    """
+    g = _require_int(granularity, "--moe-granularity")
+    e = _require_int(num_experts, "--num-experts")
+    k = _require_int(topk, "--moe-router-topk")
+    ep = _require_int(expert_model_parallel_size, "--expert-model-parallel-size")
+    if k > e:
+        raise GranularMoEConfigError(
+            f"--moe-router-topk {k} is above --num-experts {e} (fine-grained: top-k {k * g} of {e * g} "
+            f"experts); valid values: 1..{e}"
+        )
+    if moe_ffn_hidden_size is not None:
+        ffn, ffn_flag = _require_int(moe_ffn_hidden_size, "--moe-ffn-hidden-size"), "--moe-ffn-hidden-size"
+    else:
+        ffn, ffn_flag = _require_int(ffn_hidden_size, "--ffn-hidden-size"), "--ffn-hidden-size"
+    if ffn % g:
+        raise GranularMoEConfigError(
+            f"--moe-granularity {g} does not divide {ffn_flag} {ffn}; valid values: {_divisors(ffn)}"
+        )
+    if (e * g) % ep:
+        raise GranularMoEConfigError(
+            f"--num-experts {e} x --moe-granularity {g} = {e * g} experts are not divisible by "
+            f"--expert-model-parallel-size {ep}; valid values: {_divisors(e * g)}"
+        )
+    return GranularShape(
+        granularity=g,
+        num_experts=e * g,
+        topk=k * g,
+        expert_hidden_size=ffn // g,
+        expert_model_parallel_size=ep,
+    )
+
+
+def apply_granularity(config, granularity: int):
+    """Return a copy of a megatron-core ``TransformerConfig`` with its MoE fields made fine-grained.
+
+    ``config`` holds the base MoE (``num_moe_experts=E``, ``moe_router_topk=k``, expert size ``d_ff``); the
+    result holds ``E*G``, ``k*G`` and ``d_ff/G``: exactly what ``--moe-granularity G`` does to a Megatron job.
+    """
+    if config.num_moe_experts is None:
+        raise GranularMoEConfigError("--moe-granularity needs an MoE model: set --num-experts (>= 1)")
+    shape = granular_shape(
+        num_experts=config.num_moe_experts,
+        topk=config.moe_router_topk,
+        ffn_hidden_size=config.ffn_hidden_size,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        granularity=granularity,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+    )
+    return dataclasses.replace(
+        config,
+        num_moe_experts=shape.num_experts,
+        moe_router_topk=shape.topk,
+        moe_ffn_hidden_size=shape.expert_hidden_size,
+    )
+
+
+def check_layer_config(config, router_type: str) -> None:
+    """Reject, by flag name, the fine-grained values and Megatron MoE features this layer cannot honour."""
+    if router_type not in ROUTER_TYPES:
+        raise GranularMoEConfigError(
+            f"--moe-router-type {router_type!r} is not valid; valid values: {', '.join(ROUTER_TYPES)}"
+        )
+    if config.num_moe_experts is None:
+        raise GranularMoEConfigError("GranularMoELayer needs --num-experts (num_moe_experts) >= 1")
+    granular_shape(
+        num_experts=config.num_moe_experts,
+        topk=config.moe_router_topk,
+        ffn_hidden_size=config.ffn_hidden_size,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+    )
+    if config.moe_token_drop_policy not in DROP_POLICIES:
+        raise GranularMoEConfigError(
+            f"--moe-token-drop-policy {config.moe_token_drop_policy!r} is not valid; "
+            f"valid values: {', '.join(DROP_POLICIES)}"
+        )
+    if config.moe_expert_capacity_factor is not None and config.moe_expert_capacity_factor <= 0:
+        raise GranularMoEConfigError(
+            f"--moe-expert-capacity-factor must be > 0 (or unset for dropless), "
+            f"got {config.moe_expert_capacity_factor}"
+        )
+    unsupported = {
+        "--disable-bias-linear is required (expert and router biases)": config.add_bias_linear,
+        "--expert-tensor-parallel-size must be 1": (config.expert_tensor_parallel_size or 1) != 1,
+        "--moe-router-score-function must be softmax": config.moe_router_score_function != "softmax",
+        "--moe-router-load-balancing-type must be aux_loss or none": (
+            config.moe_router_load_balancing_type not in ("aux_loss", "none")
+        ),
+        "--moe-shared-expert-intermediate-size is not supported": (
+            config.moe_shared_expert_intermediate_size is not None
+        ),
+        "--moe-aux-loss-coeff must be one value": isinstance(config.moe_aux_loss_coeff, (list, tuple)),
+        "--moe-router-enable-expert-bias is not supported": config.moe_router_enable_expert_bias,
+        "--moe-router-group-topk is not supported": config.moe_router_group_topk is not None,
+        "--moe-pad-expert-input-to-capacity is not supported": config.moe_pad_expert_input_to_capacity,
+        "--moe-latent-size is not supported": config.moe_latent_size is not None,
+        "--moe-input-jitter-eps is not supported": config.moe_input_jitter_eps is not None,
+    }
+    problems = [msg for msg, bad in unsupported.items() if bad]
+    if problems:
+        raise GranularMoEConfigError("GranularMoELayer: " + "; ".join(problems))

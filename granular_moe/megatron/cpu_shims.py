@@ -1,0 +1,76 @@
+"""What megatron-core 0.16's GPT model needs to run on a CPU (gloo), applied only where no GPU is present.
+
+Two CUDA-only spots stand in the way (build the model with ``use_cpu_initialization=True``):
+
+1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
+   (attention's matmul buffer): the shim allocates on the CPU instead.
+2. The RNG tracker (``get_cuda_rng_tracker().fork()``, used for dropout and initialisation) stores and
+   swaps CUDA generator states: the shim's tracker keeps CPU generator states with the same names and
+   seeds, so Megatron's own ``model_parallel_cuda_manual_seed`` works unchanged.
+
+On a machine with a GPU :func:`apply_cpu_shims` changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+
+import torch
+from megatron.core import utils as megatron_utils
+from megatron.core.tensor_parallel import random as megatron_random
+
+_ORIGINAL_GET_TENSOR = megatron_utils.GlobalMemoryBuffer.get_tensor
+_ORIGINAL_TRACKER = megatron_random.CudaRNGStatesTracker
+
+
+def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+    """``GlobalMemoryBuffer.get_tensor`` with the buffer on the CPU."""
+    numel = functools.reduce(operator.mul, tensor_shape, 1)
+    buffer = self.buffer.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype, requires_grad=False)
+    return buffer[:numel].view(*tensor_shape)
+
+
+class CpuRNGStatesTracker(_ORIGINAL_TRACKER):
+    """Megatron's RNG states tracker over CPU generator states."""
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name=megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+
+def cpu_shims_applied() -> bool:
+    return megatron_utils.GlobalMemoryBuffer.get_tensor is _cpu_get_tensor
+
+
+def apply_cpu_shims() -> bool:
+    """Apply both shims when no GPU is present; returns whether they are in place."""
+    if torch.cuda.is_available():
+        return False
+    megatron_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    tracker = megatron_random._CUDA_RNG_STATE_TRACKER
+    if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):
+        # A tracker made before the shim holds CUDA states it cannot use: start a CPU one.
+        megatron_random.initialize_rng_tracker(force_reset=True)
+    return True

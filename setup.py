@@ -1,0 +1,31 @@
+"""granular-moe: fine-grained Mixture-of-Experts for Megatron-core and DeepSpeed.
+
+Install with ``bash install.sh`` (it handles torch's CPU build, DeepSpeed's build and the PyPI 'apex' trap).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="granular-moe",
+    version="0.1.0",
+    description="Fine-grained Mixture-of-Experts layers, kernels and launchers for Megatron-core and DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["granular_moe", "granular_moe.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        # DeepSpeed's build imports torch: install it with --no-build-isolation after torch (install.sh).
+        "deepspeed>=0.16",
+        "triton>=3.0; platform_system == 'Linux'",
+        "sentencepiece>=0.2",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        # mpi4py needs an MPI runtime (install.sh installs PyPI's mpich).
+        "mpi": ["mpi4py>=3.1"],
+        "dev": ["pytest>=8"],
+    },
+)

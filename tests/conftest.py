@@ -1,0 +1,43 @@
+"""Shared fixtures: small fp64 megatron-core configs and a one-process gloo world."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gloo_world():
+    """A one-rank gloo process group with megatron-core's parallel state and the CPU shims."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from granular_moe.megatron.cpu_shims import apply_cpu_shims
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    apply_cpu_shims()
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def fresh_megatron_moe_state():
+    """Megatron's aux-loss scale and tracker are global: every test starts from scale 1.0 and no tracker
+    (the tracker is sized by the first model's layer count)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    get_moe_layer_wise_logging_tracker().clear()
+    yield

@@ -1,0 +1,60 @@
+"""The CPU shims: needed without a GPU, inert with one."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_shims_change_nothing_on_a_gpu_build():
+    out = run_python(
+        """
+        import torch
+        torch.cuda.is_available = lambda: True   # what a GPU build reports
+        from megatron.core import utils
+        from megatron.core.tensor_parallel import random
+        before = (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker, random._CUDA_RNG_STATE_TRACKER)
+        from granular_moe.megatron.cpu_shims import apply_cpu_shims, cpu_shims_applied
+        applied = apply_cpu_shims()
+        after = (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker, random._CUDA_RNG_STATE_TRACKER)
+        print(applied, cpu_shims_applied(), all(a is b for a, b in zip(before, after)))
+        """
+    )
+    assert out.split() == ["False", "False", "True"]
+
+
+def test_megatron_needs_the_shims_on_this_cpu():
+    assert not torch.cuda.is_available()
+    out = run_python(
+        """
+        import torch
+        from megatron.core import tensor_parallel
+        from megatron.core.utils import GlobalMemoryBuffer
+        for label, call in [("buffer", lambda: GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")),
+                            ("seed", lambda: tensor_parallel.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0))]:
+            try:
+                call(); print(label, "ok")
+            except (AssertionError, RuntimeError):
+                print(label, "fails")
+        from granular_moe.megatron.cpu_shims import apply_cpu_shims
+        assert apply_cpu_shims()
+        print(tuple(GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x").shape))
+        tensor_parallel.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        outside = torch.get_rng_state()
+        with tracker.fork():
+            a = torch.rand(3)
+        assert torch.equal(outside, torch.get_rng_state())   # fork restores the outer stream
+        with tracker.fork():
+            b = torch.rand(3)
+        print("fork", bool(not torch.equal(a, b)))   # the forked stream advances
+        """
+    )
+    assert out.split("\n")[:4] == ["buffer fails", "seed fails", "(2, 3)", "fork True"]

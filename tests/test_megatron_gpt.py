@@ -1,0 +1,81 @@
+"""A megatron-core GPTModel built with the plugin's spec trains on the CPU in a gloo process group."""
+
+import pytest
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs as megatron_specs
+from megatron.core.transformer.mlp import MLP
+
+from granular_moe import GranularMoELayer
+from granular_moe.megatron import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from helpers import moe_config
+
+VOCAB, SEQ, BATCH = 64, 16, 4
+
+
+def gpt_config(**overrides):
+    return moe_config(
+        4, num_experts=4, topk=1, hidden=32, ffn=64, dtype=torch.float32, num_attention_heads=4,
+        moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3, **overrides,
+    )
+
+
+def lm_loss(model, tokens):
+    position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
+    causal = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)
+    return model(tokens[:, :-1], position_ids[:, : SEQ - 1], causal[..., : SEQ - 1, : SEQ - 1], labels=tokens[:, 1:]).mean()
+
+
+def test_gpt_trains_with_granular_moe_in_every_layer(gloo_world):
+    torch.manual_seed(0)
+    config = gpt_config()
+    model = GPTModel(config, get_gpt_decoder_block_spec(config, use_transformer_engine=False), VOCAB, SEQ)
+    moe_layers = [m for m in model.modules() if isinstance(m, GranularMoELayer)]
+    assert [m.layer_number for m in moe_layers] == [1, 2]
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        assert all(p.grad is not None for p in moe_layers[0].parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert moe_layers[0].stats.tokens_per_expert.sum() == BATCH * (SEQ - 1) * config.moe_router_topk
+
+
+def test_moe_layer_freq_mixes_dense_and_granular_layers(gloo_world):
+    config = gpt_config(num_layers=4, moe_layer_freq=[1, 0, 0, 1])
+    model = GPTModel(config, get_gpt_decoder_block_spec(config, use_transformer_engine=False), VOCAB, SEQ)
+    kinds = [type(layer.mlp) for layer in model.decoder.layers]
+    assert kinds == [GranularMoELayer, MLP, MLP, GranularMoELayer]
+    assert model.decoder.layers[1].mlp.linear_fc1.weight.shape[0] == config.ffn_hidden_size
+    loss = lm_loss(model, torch.randint(0, VOCAB, (BATCH, SEQ)))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_layer_spec_passes_router_type_and_megatron_options(gloo_world):
+    config = gpt_config(qk_layernorm=True)
+    spec = get_gpt_layer_local_spec(config.num_moe_experts, router_type="expert_choice", qk_layernorm=True)
+    model = GPTModel(config, spec, VOCAB, SEQ)
+    layer = model.decoder.layers[0]
+    assert layer.mlp.router_type == "expert_choice"
+    assert not isinstance(layer.self_attention.q_layernorm, torch.nn.Identity)
+    lm_loss(model, torch.randint(0, VOCAB, (BATCH, SEQ))).backward()
+
+
+def test_transformer_engine_spec_needs_transformer_engine():
+    if megatron_specs.HAVE_TE:
+        spec = get_gpt_layer_with_transformer_engine_spec(8)
+        assert spec.submodules.mlp.module is GranularMoELayer
+    else:
+        with pytest.raises(ImportError, match="local spec"):
+            get_gpt_layer_with_transformer_engine_spec(8)
