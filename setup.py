@@ -22,6 +22,8 @@ setup(
         "sentencepiece>=0.2",
         "numpy",
         "pyyaml",
+        "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         # mpi4py needs an MPI runtime (install.sh installs PyPI's mpich).

@@ -1,0 +1,171 @@
+"""Arguments of the main pretraining job, named as Megatron-LM names them, plus the plugin's own.
+
+``--config FILE.yaml`` supplies defaults (keys are flag names with or without dashes); flags on the command
+line override it. :func:`parse_args` returns fine-grained MoE values (see
+:mod:`granular_moe.megatron.arguments`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from granular_moe.config import DROP_POLICIES, GranularMoEConfigError
+from granular_moe.megatron.arguments import add_granular_moe_args
+
+
+def moe_layer_freq_type(value):
+    """Megatron's ``--moe-layer-freq``: an int N (one MoE layer every N) or a list expression such as
+    ``"([1]*3+[0])*2"``."""
+    if isinstance(value, (int, list)):
+        return value
+    value = str(value).strip()
+    if "[" not in value:
+        return int(value)
+    pattern = _evaluate_list_expression(value)
+    if not all(entry in (0, 1) for entry in pattern):
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq pattern must hold 0s and 1s, got {pattern}")
+    return pattern
+
+
+def _evaluate_list_expression(text: str) -> list:
+    """Evaluate list literals combined with ``+`` and ``*`` (nothing else)."""
+    def evaluate(node):
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body)
+        if isinstance(node, ast.List):
+            return [evaluate(element) for element in node.elts]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = evaluate(node.left), evaluate(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq: cannot evaluate {text!r}")
+
+    result = evaluate(ast.parse(text, mode="eval"))
+    if not isinstance(result, list):
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq: {text!r} is not a list")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_gpt_moe",
+        description="Pretrain a GPT with granular MoE on megatron-core.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of defaults (e.g. configs/moe_small.yaml)")
+
+    model = parser.add_argument_group("model (Megatron-LM names)")
+    model.add_argument("--num-layers", type=int, default=2)
+    model.add_argument("--hidden-size", type=int, default=64)
+    model.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden (SwiGLU: 8/3 x, to 64)")
+    model.add_argument("--num-attention-heads", type=int, default=4)
+    model.add_argument("--seq-length", type=int, default=64)
+    model.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    model.add_argument("--swiglu", action="store_true")
+    model.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    model.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
+    model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    model.add_argument("--disable-bias-linear", action="store_true",
+                       help="accepted for Megatron compatibility; this job never uses linear biases")
+    model.add_argument("--hidden-dropout", type=float, default=0.0)
+    model.add_argument("--attention-dropout", type=float, default=0.0)
+    model.add_argument("--init-method-std", type=float, default=0.02)
+
+    moe = parser.add_argument_group("MoE (Megatron-LM names)")
+    moe.add_argument("--num-experts", type=int, default=None, help="base experts E; unset or 0: a dense model")
+    moe.add_argument("--moe-router-topk", type=int, default=2, help="base top-k")
+    moe.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="base expert FFN size (default --ffn-hidden-size)")
+    moe.add_argument("--moe-layer-freq", type=moe_layer_freq_type, default=1)
+    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    moe.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    moe.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="unset: dropless")
+    moe.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="probs")
+    moe.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "none"), default="aux_loss")
+    moe.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), default=None)
+    moe.add_argument("--moe-router-pre-softmax", action="store_true",
+                     help="accepted for Megatron compatibility: the granular router's softmax always precedes top-k")
+    moe.add_argument("--moe-per-layer-logging", action="store_true")
+    add_granular_moe_args(parser)
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                          help="default: nccl with GPUs, gloo without")
+    parallel.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--micro-batch-size", type=int, default=8)
+    training.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    training.add_argument("--train-iters", type=int, default=200)
+    training.add_argument("--lr", type=float, default=3e-3)
+    training.add_argument("--min-lr", type=float, default=3e-4)
+    training.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    training.add_argument("--lr-warmup-iters", type=int, default=20)
+    training.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    training.add_argument("--weight-decay", type=float, default=0.1)
+    training.add_argument("--clip-grad", type=float, default=1.0)
+    training.add_argument("--adam-beta1", type=float, default=0.9)
+    training.add_argument("--adam-beta2", type=float, default=0.95)
+    training.add_argument("--adam-eps", type=float, default=1e-8)
+    training.add_argument("--seed", type=int, default=1234)
+    precision = training.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true")
+    precision.add_argument("--fp32", action="store_true", help="force fp32 (the default without a GPU)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", type=Path, default=None,
+                      help="prefix of a megatron-core indexed dataset (.bin/.idx); default: the embedded corpus")
+    data.add_argument("--tokenizer-model", type=Path, default=None, help="sentencepiece model for --data-path")
+    data.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the embedded corpus's tokenizer")
+    data.add_argument("--split", default="969,30,1", help="train,valid,test weights")
+
+    evaluation = parser.add_argument_group("evaluation and logging")
+    evaluation.add_argument("--eval-interval", type=int, default=50)
+    evaluation.add_argument("--eval-iters", type=int, default=4)
+    evaluation.add_argument("--log-interval", type=int, default=10)
+    evaluation.add_argument("--tensorboard-dir", type=Path, default=None)
+    evaluation.add_argument("--log-jsonl", type=Path, default=None, help="JSON-lines metrics (default: <save>/metrics.jsonl)")
+
+    checkpoint = parser.add_argument_group("checkpointing")
+    checkpoint.add_argument("--save", type=Path, default=Path("runs/pretrain_gpt_moe"))
+    checkpoint.add_argument("--load", type=Path, default=None)
+    checkpoint.add_argument("--save-interval", type=int, default=100)
+    return parser
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    entries = yaml.safe_load(path.read_text()) or {}
+    known = {action.dest: action for action in parser._actions}
+    defaults = {}
+    for key, value in entries.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest == "config":
+            raise GranularMoEConfigError(f"--config {path}: unknown setting {key!r}")
+        action_type = known[dest].type
+        defaults[dest] = action_type(value) if action_type is not None and isinstance(value, str) else value
+    return defaults
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the main job's flags (``--config`` YAML first, command line on top)."""
+    parser = build_parser()
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre_parser.add_argument("--config", type=Path)
+    config_path = pre_parser.parse_known_args(argv)[0].config
+    if config_path is not None:
+        parser.set_defaults(**_yaml_defaults(parser, config_path))
+    args = parser.parse_args(argv)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    return args
