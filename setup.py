@@ -25,6 +25,7 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
+    entry_points={"console_scripts": ["granular-moe=granular_moe.cli:main"]},
     extras_require={
         # mpi4py needs an MPI runtime (install.sh installs PyPI's mpich).
         "mpi": ["mpi4py>=3.1"],
