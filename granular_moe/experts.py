@@ -5,20 +5,27 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from granular_moe.ops import kernels_for
 
 
+class ExpertCheckpointMismatch(RuntimeError):
+    """A checkpoint's experts are not the ones this rank owns (the expert-parallel layout changed)."""
+
+
 class GroupedExperts(torch.nn.Module):
-    """``num_local_experts`` expert MLPs ``h -> expert_hidden -> h``.
+    """Experts ``first_expert .. first_expert + num_local_experts - 1`` of a layer: MLPs
+    ``h -> expert_hidden -> h``.
 
     Parameters (the public layout checkpoint tools rely on):
     ``weight1 [num_local_experts, hidden, expert_hidden]`` (``2 * expert_hidden`` with a gated linear
     unit: activation input first, linear gate second) and ``weight2 [num_local_experts, expert_hidden,
-    hidden]``.
+    hidden]``. The buffer ``global_expert_ids`` is saved with them and checked on load, so a checkpoint
+    always says which global experts it holds.
     """
 
-    def __init__(self, config, num_local_experts: int, kernels: str = "auto"):
+    def __init__(self, config, num_local_experts: int, first_expert: int = 0, kernels: str = "auto"):
         super().__init__()
         self.config = config
         self.num_local_experts = num_local_experts
@@ -41,6 +48,9 @@ class GroupedExperts(torch.nn.Module):
         for weight in (self.weight1, self.weight2):
             # Expert weights: gradients are reduced over the expert-data-parallel group only.
             setattr(weight, "allreduce", False)
+        self.register_buffer(
+            "global_expert_ids", torch.arange(first_expert, first_expert + num_local_experts, device=device)
+        )
 
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor] = None
@@ -50,3 +60,38 @@ class GroupedExperts(torch.nn.Module):
         return ops.grouped_mlp(
             x, tokens_per_expert, self.weight1, self.weight2, self.activation, self.gated, gather_index
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "global_expert_ids")
+        if saved is not None and not torch.equal(saved.cpu(), self.global_expert_ids.cpu()):
+            raise ExpertCheckpointMismatch(
+                f"{prefix}: the checkpoint holds experts {saved.tolist()} but this rank owns "
+                f"{self.global_expert_ids.tolist()}: the expert-parallel layout changed; load through "
+                f"megatron-core's distributed checkpoint (sharded_state_dict) to reshard"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron distributed-checkpoint view: each weight is a shard of the layer's global
+        ``[num_experts, ...]`` tensor at this rank's expert offset, so a checkpoint saved with one
+        expert-parallel size loads with another."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        from granular_moe.parallel import expert_parallel_groups
+
+        groups = expert_parallel_groups()
+        replica = 0 if groups is None else dist.get_group_rank(groups.expert_data_parallel, dist.get_rank())
+        ep_size = self.config.num_moe_experts // self.num_local_experts
+        ep_rank = int(self.global_expert_ids[0]) // self.num_local_experts
+        expert_axis = (len(sharded_offsets), ep_rank, ep_size)
+        return {
+            prefix + name: ShardedTensor.from_rank_offsets(
+                prefix + name,
+                getattr(self, name),
+                *sharded_offsets,
+                expert_axis,
+                replica_id=replica,
+                prepend_axis_num=len(sharded_offsets),
+            )
+            for name in ("weight1", "weight2")
+        }

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from granular_moe.config import check_layer_config
-from granular_moe.dispatch import LocalDispatcher
+from granular_moe.dispatch import AllToAllDispatcher, LocalDispatcher, gather_tokens, slice_routing, split_tokens
 from granular_moe.experts import GroupedExperts
 from granular_moe.ops import check_kernel_backend
+from granular_moe.parallel import ParallelLayoutError, expert_parallel_groups
 from granular_moe.router import RoutingStats, build_router
 
 
@@ -25,6 +28,12 @@ class GranularMoELayer(MegatronModule):
     ``experts.weight2 [num_local_experts, expert_hidden, hidden]``.
 
     After each forward, ``stats`` holds the layer's :class:`~granular_moe.router.RoutingStats`.
+
+    Parallelism: experts are spread over the expert-parallel group made by
+    :func:`granular_moe.parallel.initialize_model_parallel` (de-duplicated all-to-all). With tensor
+    parallelism and sequence parallelism each rank routes its own sequence shard (router losses over the
+    whole shard group, as Megatron does); without sequence parallelism every rank routes all tokens and
+    runs the experts on its ``1/TP`` of them, then the outputs are gathered.
 
     Args:
         router_type: ``token_choice`` (top-k experts per token) or ``expert_choice`` (top-C tokens per
@@ -45,9 +54,22 @@ class GranularMoELayer(MegatronModule):
         check_layer_config(config, router_type)
         check_kernel_backend(kernels)
         self.router_type = router_type
-        self.router = build_router(router_type, config)
-        self.experts = GroupedExperts(config, config.num_moe_experts, kernels)
-        self.dispatcher = LocalDispatcher(kernels)
+        groups = expert_parallel_groups()
+        ep_size, ep_rank = (1, 0) if groups is None else (groups.ep_size, groups.ep_rank)
+        if config.expert_model_parallel_size != ep_size:
+            raise ParallelLayoutError(
+                f"--expert-model-parallel-size {config.expert_model_parallel_size} but the expert-parallel group "
+                f"has {ep_size} ranks: call granular_moe.parallel.initialize_model_parallel(expert=...) first"
+            )
+        self.tp_group = _tensor_parallel_group(pg_collection)
+        sequence_sharded = self.tp_group is not None and config.sequence_parallel
+        self.router = build_router(router_type, config, token_group=self.tp_group if sequence_sharded else None)
+        num_local = config.num_moe_experts // ep_size
+        self.experts = GroupedExperts(config, num_local, first_expert=ep_rank * num_local, kernels=kernels)
+        if ep_size == 1:
+            self.dispatcher = LocalDispatcher(kernels)
+        else:
+            self.dispatcher = AllToAllDispatcher(groups.expert_parallel, num_local, kernels)
         self.stats: Optional[RoutingStats] = None
         if layer_number is not None:
             self.set_layer_number(layer_number)
@@ -67,5 +89,34 @@ class GranularMoELayer(MegatronModule):
         x = hidden_states.reshape(seq * batch, hidden)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
         routing, self.stats = self.router(x, valid)
-        output = self.dispatcher(x, routing, self.experts)
+        if self.tp_group is None or self.config.sequence_parallel:
+            output = self.dispatcher(x, routing, self.experts)
+        else:
+            output = self._run_on_token_share(x, routing)
         return output.view(seq, batch, hidden), None
+
+    def _run_on_token_share(self, x: torch.Tensor, routing) -> torch.Tensor:
+        """Without sequence parallelism the tensor-parallel ranks hold the same tokens: each runs the
+        experts on its share, then the shares are gathered."""
+        size, rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        if x.shape[0] % size:
+            raise ParallelLayoutError(
+                f"{x.shape[0]} tokens (--seq-length x --micro-batch-size) are not divisible by "
+                f"--tensor-model-parallel-size {size}"
+            )
+        start, stop = rank * x.shape[0] // size, (rank + 1) * x.shape[0] // size
+        share = self.dispatcher(
+            split_tokens(x, start, stop, self.tp_group), slice_routing(routing, start, stop, self.tp_group), self.experts
+        )
+        return gather_tokens(share, self.tp_group)
+
+
+def _tensor_parallel_group(pg_collection):
+    """The tensor-parallel group when it has more than one rank, else None."""
+    if pg_collection is not None:
+        group = pg_collection.tp
+    elif parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_tensor_model_parallel_group()
+    else:
+        return None
+    return group if dist.get_world_size(group) > 1 else None

@@ -1,0 +1,139 @@
+"""Process groups: megatron-core's parallel state, expert-parallel groups from DeepSpeed, and the check
+that the two agree.
+
+Expert tensor parallelism is 1 (fine-grained experts are too small to split), so megatron-core lays the
+expert-parallel (EP) groups over consecutive ranks of a pipeline stage and the expert-data-parallel
+(EDP) groups across them; DeepSpeed builds the same rank sets when handed megatron's ``parallel_state``
+as ``mpu`` (its MoE path without expert tensor parallelism). :func:`initialize_model_parallel` builds
+both and refuses to start if they differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from granular_moe.config import GranularMoEConfigError
+
+
+class ParallelLayoutError(GranularMoEConfigError):
+    """Parallel sizes that do not fit the world, or DeepSpeed's and megatron-core's groups disagreeing."""
+
+
+@dataclass(frozen=True)
+class ExpertParallelGroups:
+    """This rank's expert-parallel and expert-data-parallel groups (DeepSpeed's)."""
+
+    expert_parallel: dist.ProcessGroup
+    expert_data_parallel: dist.ProcessGroup
+    expert_parallel_ranks: tuple
+    expert_data_parallel_ranks: tuple
+
+    @property
+    def ep_size(self) -> int:
+        return len(self.expert_parallel_ranks)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.expert_parallel_ranks.index(dist.get_rank())
+
+
+_GROUPS: Optional[ExpertParallelGroups] = None
+
+
+def check_parallel_layout(world_size: int, tensor: int, pipeline: int, expert: int) -> int:
+    """Validate the sizes against the world; returns the data-parallel size."""
+    for flag, size in (
+        ("--tensor-model-parallel-size", tensor),
+        ("--pipeline-model-parallel-size", pipeline),
+        ("--expert-model-parallel-size", expert),
+    ):
+        if size < 1:
+            raise ParallelLayoutError(f"{flag} must be >= 1, got {size}")
+    if world_size % (tensor * pipeline):
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tensor} x "
+            f"--pipeline-model-parallel-size {pipeline}"
+        )
+    stage = world_size // pipeline
+    if stage % expert:
+        valid = ", ".join(str(d) for d in range(1, stage + 1) if stage % d == 0)
+        raise ParallelLayoutError(
+            f"--expert-model-parallel-size {expert} does not divide the {stage} ranks of a pipeline stage "
+            f"(world {world_size} / --pipeline-model-parallel-size {pipeline}); valid values: {valid}"
+        )
+    return world_size // (tensor * pipeline)
+
+
+def initialize_model_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1) -> ExpertParallelGroups:
+    """megatron-core's parallel state (expert tensor parallel 1) and DeepSpeed's expert groups, checked equal.
+
+    Needs an initialised ``torch.distributed`` default group.
+    """
+    global _GROUPS
+    import deepspeed
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state
+
+    check_parallel_layout(dist.get_world_size(), tensor, pipeline, expert)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        expert_model_parallel_size=expert,
+        expert_tensor_parallel_size=1,
+    )
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    ds_groups.mpu = parallel_state
+    name = f"ep_size_{expert}"
+    if name not in ds_groups._get_expert_parallel_group_dict():
+        ds_groups._create_expert_and_data_parallel(expert)
+    groups = ExpertParallelGroups(
+        expert_parallel=ds_groups._get_expert_parallel_group(name),
+        expert_data_parallel=ds_groups._get_expert_data_parallel_group(name),
+        expert_parallel_ranks=tuple(ds_groups._get_expert_parallel_group_ranks(name)),
+        expert_data_parallel_ranks=tuple(ds_groups._get_expert_data_parallel_group_ranks(name)),
+    )
+    _check_against_megatron(groups, parallel_state)
+    _GROUPS = groups
+    return groups
+
+
+def _check_against_megatron(groups: ExpertParallelGroups, parallel_state) -> None:
+    megatron = (
+        tuple(dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())),
+        tuple(sorted(dist.get_process_group_ranks(parallel_state.get_expert_data_parallel_group()))),
+    )
+    deepspeed_sets = (groups.expert_parallel_ranks, tuple(sorted(groups.expert_data_parallel_ranks)))
+    layouts = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, (deepspeed_sets, megatron))
+    if any(ds != mg for ds, mg in layouts):
+        def describe(index):
+            return sorted({layout[index] for layout in layouts})
+        raise ParallelLayoutError(
+            "DeepSpeed's expert groups differ from megatron-core's: DeepSpeed (EP, EDP) per rank "
+            f"{describe(0)} vs megatron-core {describe(1)}"
+        )
+
+
+def expert_parallel_groups() -> Optional[ExpertParallelGroups]:
+    """The groups made by :func:`initialize_model_parallel`, or None in a single-process setting."""
+    return _GROUPS
+
+
+def destroy_model_parallel() -> None:
+    """Forget the groups (megatron-core's and DeepSpeed's) so a new layout can be initialised."""
+    global _GROUPS
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    for registry in (
+        ds_groups._EXPERT_PARALLEL_GROUP,
+        ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+    ):
+        registry.clear()
+    _GROUPS = None
