@@ -88,9 +88,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 16 (the smallest ``tl.dot`` takes) and 4-row movement steps, so that small shapes span
-    several tiles and end in partial ones."""
+    """Tiles of 16 (the smallest ``tl.dot`` takes), 4-row movement steps and 16-assignment routing blocks
+    compared 8 at a time, so that small shapes span several tiles and end in partial ones."""
     monkeypatch.setattr(tiles, "row_gemm_tiles", lambda *a, **k: tiles.GemmTiles(16, 16, 16, 4, 1))
     monkeypatch.setattr(tiles, "weight_grad_tiles", lambda *a, **k: tiles.GemmTiles(16, 16, 16, 4, 1))
     monkeypatch.setattr(tiles, "movement_tiles", lambda *a, **k: tiles.MovementTiles(4, 16, 2))
-    monkeypatch.setattr(tiles, "routing_block", lambda *a, **k: 16)
+    monkeypatch.setattr(tiles, "routing_tiles", lambda *a, **k: (16, 8))

@@ -53,8 +53,7 @@ def activation_name(activation: Callable) -> Optional[str]:
 
 @triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
-    """``act(x)`` for fp32 ``x``. (Sigmoids are written out: Triton's ``tl.sigmoid`` is the same
-    expression behind a function call, which the CPU interpreter makes slow.)"""
+    """``act(x)`` for fp32 ``x`` (sigmoids written out: see :mod:`granular_moe.ops.triton.primitives`)."""
     if ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
     elif ACTIVATION == "gelu_tanh":

@@ -69,9 +69,9 @@ def _grouped_rows_kernel(
     a_ptrs = a_ptr + source[:, None] * stride_am + depth[None, :] * stride_ak
     b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + depth[:, None] * stride_bk + cols[None, :] * stride_bn
     two_accumulators: tl.constexpr = GATED and EPILOGUE == ACTIVATE
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     if two_accumulators:
-        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_gate = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k_start in range(0, K, BLOCK_K):
         depth_mask = (k_start + depth) < K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & depth_mask[None, :], other=0.0)
@@ -132,7 +132,7 @@ def _grouped_weight_grad_kernel(
     out_col_mask = out_cols < N
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
-    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_K, BLOCK_N], 0.0, tl.float32)
     for row_start in range(start, end, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < end

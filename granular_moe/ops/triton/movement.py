@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from granular_moe.ops.triton import tiles
+from granular_moe.ops.triton.primitives import add
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -49,7 +50,7 @@ def _segment_sum_kernel(
     col_mask = cols < hidden
     start = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
-    acc = tl.zeros([BLOCK_H], dtype=ACC_DTYPE)
+    acc = tl.full([BLOCK_H], 0.0, ACC_DTYPE)
     for chunk in range(start, end, BLOCK_ROWS):
         entries = chunk + tl.arange(0, BLOCK_ROWS)
         entry_mask = entries < end
@@ -61,7 +62,7 @@ def _segment_sum_kernel(
         if HAS_WEIGHT:
             weight = tl.load(weight_ptr + entries, mask=entry_mask, other=0.0).to(ACC_DTYPE)
             values = values * weight[:, None]
-        acc += tl.sum(values, axis=0)
+        acc += tl.reduce(values, 0, add)
     tl.store(out_ptr + segment * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -82,7 +83,7 @@ def _combine_backward_kernel(
         entry_mask = entries < end
         row = tl.load(row_of_assignment_ptr + entries, mask=entry_mask, other=0)
         weight = tl.load(weight_ptr + entries, mask=entry_mask, other=0.0).to(ACC_DTYPE)
-        dot = tl.zeros([BLOCK_ROWS], dtype=ACC_DTYPE)
+        dot = tl.full([BLOCK_ROWS], 0.0, ACC_DTYPE)
         for col_start in range(0, hidden, BLOCK_H):
             cols = col_start + tl.arange(0, BLOCK_H)
             col_mask = cols < hidden
@@ -96,7 +97,7 @@ def _combine_backward_kernel(
                 )
             if NEEDS_GRAD_WEIGHT:
                 values = tl.load(expert_output_ptr + row[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0)
-                dot += tl.sum(values.to(ACC_DTYPE) * grad[None, :], axis=1)
+                dot += tl.reduce(values.to(ACC_DTYPE) * grad[None, :], 1, add)
         if NEEDS_GRAD_WEIGHT:
             tl.store(grad_weight_ptr + entries, dot.to(grad_weight_ptr.dtype.element_ty), mask=entry_mask)
 

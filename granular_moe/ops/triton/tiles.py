@@ -75,6 +75,8 @@ def movement_tiles(hidden: int, rows_per_segment: float) -> MovementTiles:
     return MovementTiles(block_rows, block_h, num_warps=4 if block_rows * block_h >= 2048 else 2)
 
 
-def routing_block(num_assignments: int) -> int:
-    """Assignments per program of the routing kernels (each program sorts its block in registers)."""
-    return _pow2_between(num_assignments, 16, 1024)
+def routing_tiles(num_assignments: int) -> tuple:
+    """``(block, chunk)``: assignments per program of the routing kernels, and how many of the block's
+    keys each assignment is compared with per step (a ``block x chunk`` tile in registers)."""
+    block = _pow2_between(num_assignments, 16, 256)
+    return block, min(block, 32)
