@@ -77,7 +77,7 @@ ROUTING_CASES = [
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``max |actual - expected| / max |expected|`` in fp64 (NaN if either holds NaN)."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     if actual.isnan().any() or expected.isnan().any():
         return float("nan")
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)) if expected.numel() else 0.0

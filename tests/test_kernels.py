@@ -94,6 +94,18 @@ def test_combine_matches_fp64_reference(case, small_tiles):
         assert relative_error(got.grad, want.grad) < 1e-6
 
 
+def test_combine_with_constant_gates(small_tiles):
+    """Gates without gradient (the expert rows are then not kept for backward): row gradients only."""
+    expert_output, weight, rows, token_offsets = combine_inputs(RoutingCase("k3_drops", 9, 6, 3, drop_rate=0.3), torch.float32)
+    ours, ref = expert_output.clone().requires_grad_(), expert_output.double().requires_grad_()
+    out = TRITON.combine(ours, weight, rows, token_offsets)
+    expected = REFERENCE.combine(ref, weight.double(), rows, token_offsets)
+    grad = torch.randn(out.shape, generator=seeded(GRAD_SEED))
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert relative_error(ours.grad, ref.grad) < 1e-6 and weight.grad is None
+
+
 def test_combine_half_rows_with_fp32_gates():
     """fp16 expert rows, fp32 gates: accumulates in fp32, returns fp16, gate gradients in fp32."""
     case = RoutingCase("top64", 3, 70, 64)
@@ -182,6 +194,21 @@ def test_grouped_mlp_default_tiles_and_expert_sorted_input():
     """The shipped tile table (one tile per expert here) and rows given already in expert order."""
     case = RoutingCase("k2_default_tiles", 13, 6, 2, empty_experts=(4,))
     assert_mlp_matches_fp64_reference(case, F.gelu, False, torch.float32, hidden=40, expert_hidden=32, gather=False)
+
+
+def test_no_assignments_at_all():
+    """Every assignment dropped: empty expert rows, zero outputs, zero gradients."""
+    x = torch.randn(3, 16, requires_grad=True)
+    weight1, weight2 = torch.randn(4, 16, 32, requires_grad=True), torch.randn(4, 16, 16, requires_grad=True)
+    gates = torch.empty(0, requires_grad=True)
+    token_offsets = torch.zeros(4, dtype=torch.int64)
+    plan = TRITON.dispatch_plan(torch.empty(0, dtype=torch.int64), token_offsets, 4)
+    rows = TRITON.grouped_mlp(x, plan.tokens_per_expert, weight1, weight2, F.silu, True, plan.source_token)
+    out = TRITON.combine(rows, gates, plan.row_of_assignment, token_offsets)
+    assert rows.shape == (0, 16) and torch.equal(out, torch.zeros(3, 16))
+    out.sum().backward()
+    for tensor in (x, weight1, weight2):
+        assert torch.equal(tensor.grad, torch.zeros_like(tensor))
 
 
 # ---------------------------------------------------------------- NaN and padding

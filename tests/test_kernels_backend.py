@@ -14,6 +14,7 @@ from granular_moe import GranularMoELayer
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.ops import check_kernel_backend, kernels_for
 from granular_moe.ops import triton as triton_ops
+from granular_moe.ops.triton import tiles
 from granular_moe.ops.triton.activations import FUSED_ACTIVATIONS, activation_derivative, activation_name, apply_activation
 from helpers import moe_config
 
@@ -58,6 +59,42 @@ def test_unfused_work_raises_when_forced_and_falls_back_under_auto(activation, d
     torch.testing.assert_close(triton_ops.WITH_TORCH_FALLBACK.grouped_mlp(*arguments), REFERENCE.grouped_mlp(*arguments))
 
 
+# ---------------------------------------------------------------- tile table
+
+H100_SHARED_MEMORY = 227 * 1024
+
+
+def is_power_of_two(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tile_table_covers_expert_widths_32_to_8192(dtype):
+    """Every GEMM of the expert block, d_expert 32..8192 (odd widths too), any rows per expert: power-of-two
+    tiles of at least 16 (tl.dot's minimum), no wider than the next power of two of the matrix, whose
+    pipelined operand tiles fit an H100's shared memory."""
+    size = dtype.itemsize
+    hidden = 2048
+    for d_expert in (32, 48, 100, 128, 256, 1024, 4096, 8000, 8192):
+        for rows_per_expert in (0.5, 37, 2048, 1e6):
+            for gated in (False, True):
+                width = d_expert * (2 if gated else 1)
+                row_gemms = [  # (n, k, two accumulators): forward fc1, forward fc2, d act, d x
+                    (d_expert, hidden, gated), (hidden, d_expert, False), (d_expert, hidden, False), (hidden, width, False)
+                ]
+                for n, k, two in row_gemms:
+                    t = tiles.row_gemm_tiles(rows_per_expert, n, k, dtype, gated=two)
+                    for block, extent in ((t.block_m, None), (t.block_n, n), (t.block_k, k)):
+                        assert is_power_of_two(block) and block >= 16
+                        assert extent is None or block <= max(16, 2 ** (extent - 1).bit_length())
+                    operands = t.block_m * t.block_k + (2 if two else 1) * t.block_k * t.block_n
+                    assert t.num_stages * operands * size <= H100_SHARED_MEMORY
+                for k, n in ((d_expert, hidden), (hidden, width)):  # dW2, dW1
+                    t = tiles.weight_grad_tiles(k, n, dtype)
+                    assert all(is_power_of_two(b) and b >= 16 for b in (t.block_m, t.block_n, t.block_k))
+                    assert t.num_stages * (t.block_m * t.block_k + t.block_m * t.block_n) * size <= H100_SHARED_MEMORY
+
+
 # ---------------------------------------------------------------- fused activations
 
 
@@ -89,6 +126,7 @@ TORCH_ACTIVATIONS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # exp(-x) -> inf saturates
 @pytest.mark.parametrize("name", FUSED_ACTIVATIONS)
 def test_fused_activation_and_derivative_match_torch_autograd(name):
     x = torch.cat([torch.linspace(-12, 12, 97), torch.tensor([0.0, float("nan")])])

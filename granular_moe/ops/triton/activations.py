@@ -32,7 +32,7 @@ def _megatron_activations() -> dict:
 
 def activation_name(activation: Callable) -> Optional[str]:
     """The fused name of ``activation`` (one of :data:`FUSED_ACTIVATIONS`), or ``None``."""
-    if activation is F.gelu or activation is torch.nn.functional.gelu:
+    if activation is F.gelu:
         return "gelu"
     if activation is F.silu:
         return "silu"

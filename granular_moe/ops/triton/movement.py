@@ -69,7 +69,7 @@ def _segment_sum_kernel(
 @triton.jit
 def _combine_backward_kernel(
     grad_out_ptr, expert_output_ptr, weight_ptr, row_of_assignment_ptr, offsets_ptr,
-    grad_rows_ptr, grad_weight_ptr, hidden, stride_grad_out, stride_rows,
+    grad_rows_ptr, grad_weight_ptr, hidden, stride_grad_out, stride_rows,  # rows: expert_output and grad_rows
     NEEDS_GRAD_ROWS: tl.constexpr, NEEDS_GRAD_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -178,31 +178,36 @@ class Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, expert_output, weight, row_of_assignment, token_offsets):
-        ctx.save_for_backward(expert_output, weight, row_of_assignment, token_offsets)
+        # The expert rows are kept for the gates' gradient only; otherwise they are freed after forward.
+        kept_rows = expert_output if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(kept_rows, weight, row_of_assignment, token_offsets)
+        ctx.rows_shape, ctx.rows_dtype = expert_output.shape, expert_output.dtype
         return segment_sum(expert_output, row_of_assignment, token_offsets, weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         expert_output, weight, row_of_assignment, token_offsets = ctx.saved_tensors
         needs_rows, needs_weight = ctx.needs_input_grad[:2]
-        if not (needs_rows or needs_weight):
-            return None, None, None, None
         grad_out = grad_out.contiguous()
-        expert_output = expert_output.contiguous()
-        # Rows no assignment reads (none for a DispatchPlan's permutation) get zero gradient.
-        rows_shape, rows_options = expert_output.shape, dict(dtype=expert_output.dtype, device=expert_output.device)
-        read_all = rows_shape[0] == row_of_assignment.numel()
-        grad_rows = (torch.empty if read_all else torch.zeros)(rows_shape, **rows_options) if needs_rows else None
-        grad_weight = torch.empty_like(weight) if needs_weight else None
-        num_tokens, hidden = token_offsets.numel() - 1, expert_output.shape[1]
+        num_rows, hidden = ctx.rows_shape
+        grad_rows = grad_weight = None
+        if needs_rows:
+            # Rows no assignment reads (none for a DispatchPlan's permutation) get zero gradient.
+            new_rows = torch.empty if num_rows == row_of_assignment.numel() else torch.zeros
+            grad_rows = new_rows(ctx.rows_shape, dtype=ctx.rows_dtype, device=grad_out.device)
+        if needs_weight:
+            expert_output = expert_output.contiguous()
+            grad_weight = torch.empty_like(weight)
+        num_tokens = token_offsets.numel() - 1
         if num_tokens > 0 and row_of_assignment.numel() > 0:
             t = tiles.movement_tiles(hidden, row_of_assignment.numel() / num_tokens)
             _combine_backward_kernel[(num_tokens,)](
-                grad_out, expert_output, weight.contiguous(), row_of_assignment.contiguous(), token_offsets.contiguous(),
+                grad_out, expert_output if needs_weight else grad_rows, weight.contiguous(),
+                row_of_assignment.contiguous(), token_offsets.contiguous(),
                 grad_rows if needs_rows else expert_output, grad_weight if needs_weight else weight,
-                hidden, grad_out.stride(0), expert_output.stride(0),
+                hidden, grad_out.stride(0), hidden,
                 NEEDS_GRAD_ROWS=needs_rows, NEEDS_GRAD_WEIGHT=needs_weight,
-                ACC_DTYPE=_tl_dtype(accumulation_dtype(expert_output.dtype, weight.dtype)),
+                ACC_DTYPE=_tl_dtype(accumulation_dtype(ctx.rows_dtype, weight.dtype)),
                 BLOCK_ROWS=t.block_rows, BLOCK_H=t.block_h, num_warps=t.num_warps,
             )
         return grad_rows, grad_weight, None, None
