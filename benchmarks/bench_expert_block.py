@@ -216,7 +216,9 @@ def main(argv=None):
     parser.add_argument("--gated", action="store_true", help="SwiGLU experts instead of GELU")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--loop-max-experts", type=int, default=128)
-    parser.add_argument("--scattermoe-path", help="folder holding the scattermoe package (a local copy, never committed)")
+    parser.add_argument(
+        "--scattermoe-path", help="folder holding the scattermoe package (a local copy, never committed)"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_expert_block.json")
     args = parser.parse_args(argv)
     for key, value in (TINY_SHAPES if args.tiny else ISSUE_SHAPES).items():
@@ -240,7 +242,8 @@ def main(argv=None):
                 if step is None:
                     continue
                 ms = measure_ms(step)
-                row.update(ms=significant(ms), TFLOPs=significant(flops / (ms * 1e-3) / 1e12), peak_MiB=peak_memory_mib(step))
+                tflops = flops / (ms * 1e-3) / 1e12
+                row.update(ms=significant(ms), TFLOPs=significant(tflops), peak_MiB=peak_memory_mib(step))
             except Exception as error:  # one failing column must not hide the others
                 row["error"] = repr(error)[:300]
             rows.append(row)

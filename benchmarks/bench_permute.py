@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bench_expert_block import DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, machine_info, measure_ms, routing, significant, write_json
+from bench_expert_block import (
+    DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, machine_info, measure_ms, routing, significant, write_json,
+)
 from granular_moe.ops import kernels_for
 
 BACKENDS = ("torch", "index_add", "triton")
@@ -56,8 +58,12 @@ def make_op(op: str, backend: str, tokens: int, d: int, num_experts: int, topk: 
         moved = (num_rows + tokens) * d * element + num_rows * (element + 8)
         if backend == "index_add":
             gate_of_row = gates[torch.argsort(plan.row_of_assignment)].unsqueeze(1)
-            token_of_row = plan.source_token
-            return (lambda: torch.zeros(tokens, d, device=DEVICE, dtype=dtype).index_add_(0, token_of_row, rows * gate_of_row)), moved
+
+            def index_add():
+                out = torch.zeros(tokens, d, device=DEVICE, dtype=dtype)
+                return out.index_add_(0, plan.source_token, rows * gate_of_row)
+
+            return index_add, moved
         return (lambda: ops.combine(rows, gates, plan.row_of_assignment, token_offsets)), moved
     raise ValueError(op)
 

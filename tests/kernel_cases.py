@@ -62,7 +62,8 @@ def _random_shape_cases(count: int, seed: int = 7):
     for i in range(count):
         num_experts = draw(3, 12)
         topk = draw(1, min(4, num_experts - 1))
-        cases.append(RoutingCase(f"random{i}", draw(2, 13), num_experts, topk, empty_experts=(draw(0, num_experts - 1),), seed=i))
+        empty = (draw(0, num_experts - 1),)
+        cases.append(RoutingCase(f"random{i}", draw(2, 13), num_experts, topk, empty_experts=empty, seed=i))
     return cases
 
 

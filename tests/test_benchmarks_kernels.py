@@ -36,7 +36,10 @@ def test_expert_block_benchmark_writes_its_table(tmp_path):
 def test_permute_benchmark_writes_bandwidths_against_copy(tmp_path):
     stdout = run_benchmark("bench_permute.py", tmp_path)
     rows = json.loads((tmp_path / "bench_permute.json").read_text())["rows"]
-    expected = {("copy", "torch"), ("dispatch_plan", "torch"), ("permute", "torch"), ("combine", "torch"), ("combine", "index_add")}
+    expected = {
+        ("copy", "torch"), ("dispatch_plan", "torch"), ("permute", "torch"),
+        ("combine", "torch"), ("combine", "index_add"),
+    }
     assert {(r["G"], r["op"], r["backend"]) for r in rows} == {(g, *k) for g in (1, 4) for k in expected}
     for r in rows:
         assert "error" not in r, r

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_cases import REFERENCE, ROUTING_CASES, TOLERANCE, TRITON, RoutingCase, relative_error, small_tiles  # noqa: F401
+from kernel_cases import (  # noqa: F401  (small_tiles is a fixture)
+    REFERENCE, ROUTING_CASES, TOLERANCE, TRITON, RoutingCase, relative_error, small_tiles,
+)
 
 GRAD_SEED = 1234
 
@@ -96,7 +98,8 @@ def test_combine_matches_fp64_reference(case, small_tiles):
 
 def test_combine_with_constant_gates(small_tiles):
     """Gates without gradient (the expert rows are then not kept for backward): row gradients only."""
-    expert_output, weight, rows, token_offsets = combine_inputs(RoutingCase("k3_drops", 9, 6, 3, drop_rate=0.3), torch.float32)
+    case = RoutingCase("k3_drops", 9, 6, 3, drop_rate=0.3)
+    expert_output, weight, rows, token_offsets = combine_inputs(case, torch.float32)
     ours, ref = expert_output.clone().requires_grad_(), expert_output.double().requires_grad_()
     out = TRITON.combine(ours, weight, rows, token_offsets)
     expected = REFERENCE.combine(ref, weight.double(), rows, token_offsets)
@@ -141,9 +144,8 @@ def mlp_inputs(case, hidden, expert_hidden, gated, dtype, seed=0):
 
 def run_mlp(kernels, tensors, plan, activation, gated, gather=True):
     leaves = [t.clone().requires_grad_() for t in tensors]
-    out = kernels.grouped_mlp(
-        leaves[0], plan.tokens_per_expert, leaves[1], leaves[2], activation, gated, plan.source_token if gather else None
-    )
+    gather_index = plan.source_token if gather else None
+    out = kernels.grouped_mlp(leaves[0], plan.tokens_per_expert, leaves[1], leaves[2], activation, gated, gather_index)
     out.backward(torch.randn(out.shape, generator=seeded(GRAD_SEED)).to(out.dtype))
     return out, [leaf.grad for leaf in leaves]
 
@@ -178,7 +180,9 @@ def test_grouped_mlp_matches_fp64_reference(case, gated, small_tiles):
 
 
 @pytest.mark.parametrize(
-    "activation, gated", [(GELU_TANH, False), (F.gelu, True), (torch.nn.SiLU(), False)], ids=["gelu_tanh", "geglu", "silu"]
+    "activation, gated",
+    [(GELU_TANH, False), (F.gelu, True), (torch.nn.SiLU(), False)],
+    ids=["gelu_tanh", "geglu", "silu"],
 )
 def test_grouped_mlp_other_activations(activation, gated, small_tiles):
     assert_mlp_matches_fp64_reference(RoutingCase("k2", 6, 5, 2, empty_experts=(1,)), activation, gated, torch.float32)

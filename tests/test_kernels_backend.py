@@ -9,13 +9,15 @@ import triton
 import triton.language as tl
 from megatron.core.activations import fast_gelu, quick_gelu
 
-from kernel_cases import REFERENCE, TRITON, RoutingCase  # noqa: F401  (sets TRITON_INTERPRET=1 first)
+from kernel_cases import REFERENCE, RoutingCase  # first: sets TRITON_INTERPRET=1
 from granular_moe import GranularMoELayer
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.ops import check_kernel_backend, kernels_for
 from granular_moe.ops import triton as triton_ops
 from granular_moe.ops.triton import tiles
-from granular_moe.ops.triton.activations import FUSED_ACTIVATIONS, activation_derivative, activation_name, apply_activation
+from granular_moe.ops.triton.activations import (
+    FUSED_ACTIVATIONS, activation_derivative, activation_name, apply_activation,
+)
 from helpers import moe_config
 
 # ---------------------------------------------------------------- backend selection
@@ -30,7 +32,8 @@ def test_auto_picks_torch_on_cpu_and_triton_forces_the_kernels():
 
 
 def test_unknown_backend_names_the_flag():
-    with pytest.raises(GranularMoEConfigError, match="--moe-kernels 'cuda' is not valid; valid values: auto, torch, triton"):
+    message = "--moe-kernels 'cuda' is not valid; valid values: auto, torch, triton"
+    with pytest.raises(GranularMoEConfigError, match=message):
         check_kernel_backend("cuda")
 
 
@@ -50,13 +53,18 @@ def mlp_arguments(activation, dtype=torch.float32):
 
 @pytest.mark.parametrize(
     "activation, dtype, problem",
-    [(F.relu, torch.float32, "the activation .*relu.* is not fused"), (F.gelu, torch.float64, "dtypes x torch.float64")],
+    [
+        (F.relu, torch.float32, "the activation .*relu.* is not fused"),
+        (F.gelu, torch.float64, "dtypes x torch.float64"),
+    ],
 )
 def test_unfused_work_raises_when_forced_and_falls_back_under_auto(activation, dtype, problem):
     arguments = mlp_arguments(activation, dtype)
-    with pytest.raises(GranularMoEConfigError, match=f"--moe-kernels triton: {problem}.*use --moe-kernels auto or torch"):
+    message = f"--moe-kernels triton: {problem}.*use --moe-kernels auto or torch"
+    with pytest.raises(GranularMoEConfigError, match=message):
         triton_ops.STRICT.grouped_mlp(*arguments)
-    torch.testing.assert_close(triton_ops.WITH_TORCH_FALLBACK.grouped_mlp(*arguments), REFERENCE.grouped_mlp(*arguments))
+    fallback = triton_ops.WITH_TORCH_FALLBACK.grouped_mlp(*arguments)
+    torch.testing.assert_close(fallback, REFERENCE.grouped_mlp(*arguments))
 
 
 # ---------------------------------------------------------------- tile table
@@ -80,7 +88,10 @@ def test_tile_table_covers_expert_widths_32_to_8192(dtype):
             for gated in (False, True):
                 width = d_expert * (2 if gated else 1)
                 row_gemms = [  # (n, k, two accumulators): forward fc1, forward fc2, d act, d x
-                    (d_expert, hidden, gated), (hidden, d_expert, False), (d_expert, hidden, False), (hidden, width, False)
+                    (d_expert, hidden, gated),
+                    (hidden, d_expert, False),
+                    (d_expert, hidden, False),
+                    (hidden, width, False),
                 ]
                 for n, k, two in row_gemms:
                     t = tiles.row_gemm_tiles(rows_per_expert, n, k, dtype, gated=two)

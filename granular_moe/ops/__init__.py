@@ -56,6 +56,7 @@ def kernels_for(backend: str, device) -> Union[ModuleType, "TritonKernels"]:
     if not on_cuda and not triton_kernels.INTERPRETED:
         raise GranularMoEConfigError(
             f"--moe-kernels triton on {torch.device(device).type} tensors runs under Triton's interpreter only: "
-            "set TRITON_INTERPRET=1 before granular_moe.ops.triton is first imported, or use --moe-kernels auto or torch"
+            "set TRITON_INTERPRET=1 before granular_moe.ops.triton is first imported, "
+            "or use --moe-kernels auto or torch"
         )
     return triton_kernels.STRICT

@@ -105,7 +105,8 @@ def _grouped_rows_kernel(
         if GATED:
             gate = tl.load(h_ptrs + gate_offset, mask=mask, other=0.0).to(tl.float32)
             activated = apply_activation(h, ACTIVATION)
-            tl.store(out_ptrs, (acc * gate * activation_derivative(h, ACTIVATION)).to(out_ptr.dtype.element_ty), mask=mask)
+            grad_h = acc * gate * activation_derivative(h, ACTIVATION)
+            tl.store(out_ptrs, grad_h.to(out_ptr.dtype.element_ty), mask=mask)
             tl.store(out_ptrs + gate_offset, (acc * activated).to(out_ptr.dtype.element_ty), mask=mask)
             if WRITE_ACT:
                 tl.store(act_ptrs, (activated * gate).to(act_ptr.dtype.element_ty), mask=mask)

@@ -110,4 +110,4 @@ def dispatch_plan(expert_index: torch.Tensor, token_offsets: torch.Tensor, num_e
         expert_index, token_offsets, row_shift, source_token, row_of_assignment,
         num_assignments, num_tokens, num_experts, search_steps, BLOCK=block, CHUNK=chunk, BINS=bins,
     )
-    return DispatchPlan(source_token=source_token, row_of_assignment=row_of_assignment, tokens_per_expert=tokens_per_expert)
+    return DispatchPlan(source_token, row_of_assignment, tokens_per_expert)
