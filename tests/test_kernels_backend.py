@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from megatron.core.activations import fast_gelu, quick_gelu
 
-from kernel_cases import REFERENCE, RoutingCase  # first: sets TRITON_INTERPRET=1
+from kernel_cases import REFERENCE, RoutingCase  # sets TRITON_INTERPRET=1 before the kernels are imported
 from granular_moe import GranularMoELayer
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.ops import check_kernel_backend, kernels_for
