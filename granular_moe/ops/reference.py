@@ -68,3 +68,8 @@ def combine(
     acc_dtype = torch.promote_types(expert_output.dtype, weight.dtype)
     rows = expert_output.index_select(0, row_of_assignment).to(acc_dtype) * weight.to(acc_dtype).unsqueeze(-1)
     return torch.segment_reduce(rows, "sum", offsets=token_offsets, axis=0).to(expert_output.dtype)
+
+
+def permute(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[index]``, e.g. tokens into expert order or into expert-parallel send buffers."""
+    return x.index_select(0, index)

@@ -1,0 +1,49 @@
+"""The kernel benchmarks run on tiny shapes on a CPU and write the rows they promise (torch columns only)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(script, out_dir):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--tiny", "--gs", "1,4", "--out", str(out_dir)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_expert_block_benchmark_writes_its_table(tmp_path):
+    stdout = run_benchmark("bench_expert_block.py", tmp_path)
+    payload = json.loads((tmp_path / "bench_expert_block.json").read_text())
+    info, rows = payload["info"], payload["rows"]
+    assert info["flops_per_step"] == 3 * 2 * info["tokens"] * info["topk"] * info["d_model"] * info["d_ff"] * 2
+    assert info["commit"] and info["device"].startswith("cpu")
+    assert {(r["G"], r["impl"]) for r in rows} == {(g, i) for g in (1, 4) for i in ("dense", "loop", "ours_torch")}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["peak_MiB"] is None
+        assert abs(r["TFLOPs"] - info["flops_per_step"] / (r["ms"] * 1e-3) / 1e12) <= 2e-3 * r["TFLOPs"]
+    assert "| G | dense | loop | ours_torch |" in stdout
+
+
+def test_permute_benchmark_writes_bandwidths_against_copy(tmp_path):
+    stdout = run_benchmark("bench_permute.py", tmp_path)
+    rows = json.loads((tmp_path / "bench_permute.json").read_text())["rows"]
+    expected = {
+        ("copy", "torch"), ("dispatch_plan", "torch"), ("permute", "torch"),
+        ("combine", "torch"), ("combine", "index_add"),
+    }
+    assert {(r["G"], r["op"], r["backend"]) for r in rows} == {(g, *k) for g in (1, 4) for k in expected}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["GBps"] > 0
+        copy = next(c for c in rows if c["G"] == r["G"] and c["op"] == "copy")
+        assert abs(r["copy_share"] - r["GBps"] / copy["GBps"]) <= 2e-3 * r["copy_share"]
+    assert "| G | op | torch | index_add | triton |" in stdout
