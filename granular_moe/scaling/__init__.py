@@ -1,0 +1,23 @@
+"""Scaling-law planner for fine-grained MoE (Krajewski et al. 2024, arXiv 2402.07871).
+
+* :mod:`~granular_moe.scaling.law`: the fitted laws ``L(N, D, G)`` (Table 1, Table 8) and the dense law.
+* :mod:`~granular_moe.scaling.flops`: the paper's architecture family and FLOPs model (Eq. 10, Appendix E).
+* :mod:`~granular_moe.scaling.optimal`: compute-optimal ``(N, D, G)`` for a budget (Section 6.2).
+"""
+
+from granular_moe.scaling.errors import ImpossibleConstraintsError, ScalingInputError, ThroughputFileError
+from granular_moe.scaling.flops import PaperArchitecture
+from granular_moe.scaling.law import DENSE, MOE_E16, MOE_E64, ScalingLaw, moe_law
+from granular_moe.scaling.optimal import (
+    ComputeOptimum,
+    budget_for_active_params,
+    compute_optimal,
+    dense_compute_optimal,
+    optimal_for_granularity,
+)
+
+__all__ = [
+    "DENSE", "MOE_E16", "MOE_E64", "ComputeOptimum", "ImpossibleConstraintsError", "PaperArchitecture",
+    "ScalingInputError", "ScalingLaw", "ThroughputFileError", "budget_for_active_params", "compute_optimal",
+    "dense_compute_optimal", "moe_law", "optimal_for_granularity",
+]
