@@ -3,6 +3,7 @@
 * :mod:`~granular_moe.scaling.law`: the fitted laws ``L(N, D, G)`` (Table 1, Table 8) and the dense law.
 * :mod:`~granular_moe.scaling.flops`: the paper's architecture family and FLOPs model (Eq. 10, Appendix E).
 * :mod:`~granular_moe.scaling.optimal`: compute-optimal ``(N, D, G)`` for a budget (Section 6.2).
+* :mod:`~granular_moe.scaling.params`: exact parameter counts of megatron-core GPTs with granular MoE.
 """
 
 from granular_moe.scaling.errors import ImpossibleConstraintsError, ScalingInputError, ThroughputFileError
@@ -15,9 +16,11 @@ from granular_moe.scaling.optimal import (
     dense_compute_optimal,
     optimal_for_granularity,
 )
+from granular_moe.scaling.params import ModelShape, ParameterCount, count_parameters, shape_from_args
 
 __all__ = [
-    "DENSE", "MOE_E16", "MOE_E64", "ComputeOptimum", "ImpossibleConstraintsError", "PaperArchitecture",
-    "ScalingInputError", "ScalingLaw", "ThroughputFileError", "budget_for_active_params", "compute_optimal",
-    "dense_compute_optimal", "moe_law", "optimal_for_granularity",
+    "DENSE", "MOE_E16", "MOE_E64", "ComputeOptimum", "ImpossibleConstraintsError", "ModelShape", "PaperArchitecture",
+    "ParameterCount", "ScalingInputError", "ScalingLaw", "ThroughputFileError", "budget_for_active_params",
+    "compute_optimal", "count_parameters", "dense_compute_optimal", "moe_law", "optimal_for_granularity",
+    "shape_from_args",
 ]
