@@ -1,7 +1,6 @@
 """Parameter counts against the megatron-core GPT the plugin builds, and across granularities."""
 
 import pytest
-import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 

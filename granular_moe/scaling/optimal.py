@@ -21,6 +21,7 @@ from granular_moe.scaling.law import DENSE, MOE_E64, ScalingLaw
 from granular_moe.scaling.minimize import minimize_bounded
 
 GRANULARITIES = tuple(2**i for i in range(9))  # 1..256: `granularity_range` of the authors' solver
+_LOG_BUDGET_TOLERANCE = 1e-10  # budget searches stop at a relative width of 1e-10
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def flops_to_match(loss: float, solve: Callable[[float], ComputeOptimum], start:
     while solve(low).loss <= loss:
         low /= 10
     log_low, log_high = math.log(low), math.log(high)
-    for _ in range(60):
+    while log_high - log_low > _LOG_BUDGET_TOLERANCE:
         middle = 0.5 * (log_low + log_high)
         if solve(math.exp(middle)).loss > loss:
             log_low = middle
@@ -188,7 +189,7 @@ def budget_for_active_params(
         raise ImpossibleConstraintsError(
             f"--active-params {active_params:.3g} is compute-optimal for no budget in 1e10-1e40 FLOPs"
         )
-    for _ in range(60):
+    while log_high - log_low > _LOG_BUDGET_TOLERANCE:
         middle = 0.5 * (log_low + log_high)
         if solve(math.exp(middle)).params < target:
             log_low = middle
