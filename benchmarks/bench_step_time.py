@@ -91,6 +91,8 @@ def init_distributed(device: str) -> None:
 
     from granular_moe.megatron.cpu_shims import apply_cpu_shims
 
+    if device == "cuda":
+        torch.cuda.set_device(0)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -98,8 +100,6 @@ def init_distributed(device: str) -> None:
                 probe.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    if device == "cuda":
-        torch.cuda.set_device(0)
     apply_cpu_shims()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
@@ -219,11 +219,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = resolve_args(build_parser().parse_args(argv))
     import megatron.core
 
+    from granular_moe.config import GranularMoEConfigError
     from granular_moe.scaling.wallclock import STEP_TIME_FORMAT
 
     init_distributed(args.device)
     measurements = []
     tokens_per_step = args.micro_batch_size * args.seq_length
+    try:  # every G's configuration before any timing
+        for granularity in args.granularities:
+            transformer_config(args, granularity)
+    except GranularMoEConfigError as error:
+        raise SystemExit(f"bench_step_time: error: {error}") from None
     for granularity in args.granularities:
         torch.manual_seed(args.seed)
         step, model = build_step(args, granularity)

@@ -94,12 +94,12 @@ def moe_law(expansion_rate: int) -> ScalingLaw:
 
 
 def outside_fitted_range(params: float, tokens: float) -> list[str]:
-    """Human-readable notes for a model size or token count outside the range the law was fitted on."""
+    """Notes for a model size or token count outside the paper's main experiments (Section 5)."""
     notes = []
     for value, (low, high), what in (
         (params, FITTED_PARAMS_RANGE, "parameters"),
         (tokens, FITTED_TOKENS_RANGE, "tokens"),
     ):
         if not low <= value <= high:
-            notes.append(f"{what} {value:.3g} outside the fitted range {low:.3g}-{high:.3g}: extrapolated")
+            notes.append(f"{what} {value:.3g} outside the paper's experiments ({low:.3g}-{high:.3g}): extrapolated")
     return notes
