@@ -120,7 +120,7 @@ def _compute_optimal(args, law) -> MegatronPlan:
         ("layers", f"{best.architecture.n_blocks:.2f}", job.num_layers),
         ("d_model", f"{best.architecture.d_model:.0f}", job.hidden_size),
         ("params N (law)", f"{best.params:.4g}", f"{realized.architecture.params:.4g}"),
-        ("active params", f"{best.active_params:.4g}", f"{realized.architecture.active_params:.4g}"),
+        ("active N_act", f"{best.active_params:.4g}", f"{realized.architecture.active_params:.4g}"),
         ("tokens D", f"{best.tokens:.4g}", f"{job.tokens:.4g}"),
         ("FLOPs", f"{best.flops:.4g}", f"{realized.flops:.4g}"),
         ("predicted loss", f"{best.loss:.4f}", f"{realized.loss:.4f}"),
