@@ -1,0 +1,854 @@
+"""Launching the main job: layout checks, the distributed environment, and per-node commands.
+
+Three routes start ``python -m granular_moe.training.pretrain`` (``$GRANULAR_MOE_ENTRY`` names another
+module with a ``main(argv)``) on every process; each has a dry run that prints, per node, the exact command
+and the environment its processes get:
+
+- ``torchrun``: ``bash launch_scripts/pretrain_gpt_moe.sh`` on each node runs ``torchrun`` (static
+  rendezvous on ``MASTER_ADDR``, or ``--standalone`` on one node), which runs the same file with Python.
+- ``slurm``: ``launch_scripts/pretrain_gpt_moe.sbatch``; ``LAUNCH_MODE=torchrun`` runs one torchrun per
+  node with a c10d rendezvous on the first node, ``LAUNCH_MODE=srun-per-gpu`` one task per process with
+  ranks from the SLURM variables.
+- ``mpirun``: ``launch_scripts/pretrain_gpt_moe_mpi.sh``, ranks from the MPI launcher's variables.
+
+Every route checks the layout (:func:`check_layout`) before it starts a process. The trainer resolves its
+rank with :func:`distributed_env` and checks the layout again against the world it finds, so a job started
+by hand fails the same way.
+
+Command line: ``python -m granular_moe.training.launch {check,torchrun,slurm,mpirun} [launcher flags]
+[trainer flags]``; launcher flags also come from the environment (``NNODES``, ``NPROC_PER_NODE``, ...), and
+``TP``/``PP``/``EP`` feed the trainer's parallel-size flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, MutableMapping, Sequence
+
+from granular_moe.config import GranularMoEConfigError
+
+ENTRY_ENV = "GRANULAR_MOE_ENTRY"
+DEFAULT_ENTRY = "granular_moe.training.pretrain"
+DEFAULT_MASTER_PORT = 29500
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "cpu_default.yaml"
+LAUNCH_MODES = ("torchrun", "srun-per-gpu")
+MPI_FLAVORS = ("mpich", "openmpi")
+
+TP_FLAG = "--tensor-model-parallel-size"
+PP_FLAG = "--pipeline-model-parallel-size"
+EP_FLAG = "--expert-model-parallel-size"
+# Environment variables that feed the trainer's parallel-size flags.
+PARALLEL_ENV = {"TP": TP_FLAG, "PP": PP_FLAG, "EP": EP_FLAG}
+
+
+class LaunchConfigError(GranularMoEConfigError):
+    """An invalid launch: the message names the flags / environment variables and their valid values."""
+
+
+# --------------------------------------------------------------------------- small parsers
+
+
+def _int_at_least(value, name: str, minimum: int = 1) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise LaunchConfigError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise LaunchConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list (``node[01-03,7],gpu-a[1-2]-b[1-2],login``) into host names,
+    in SLURM's order, zero padding kept. The syntax is expanded here, so no ``scontrol`` is needed."""
+    text = nodelist.strip()
+    if not text:
+        raise LaunchConfigError("empty node list (SLURM_JOB_NODELIST / --nodelist / HOSTS)")
+    names, depth, start = [], 0, 0
+    for position, char in enumerate(text + ","):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            names.append(text[start:position])
+            start = position + 1
+        if depth not in (0, 1):
+            raise LaunchConfigError(f"node list {nodelist!r}: unbalanced brackets")
+    if depth:
+        raise LaunchConfigError(f"node list {nodelist!r}: unbalanced brackets")
+    hosts = []
+    for name in names:
+        if not name:
+            raise LaunchConfigError(f"node list {nodelist!r}: empty host name")
+        hosts.extend(_expand_host_pattern(name, nodelist))
+    return hosts
+
+
+def _expand_host_pattern(pattern: str, nodelist: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", pattern)
+    if match is None:
+        return [pattern]
+    prefix, suffix = pattern[: match.start()], pattern[match.end():]
+    expanded = []
+    for item in match.group(1).split(","):
+        bounds = item.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            values = [bounds[0]]
+        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+            width = len(bounds[0])
+            values = [str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1)]
+        else:
+            raise LaunchConfigError(f"node list {nodelist!r}: cannot read the range {item!r}")
+        for value in values:
+            expanded.extend(_expand_host_pattern(prefix + value + suffix, nodelist))
+    return expanded
+
+
+def expand_tasks_per_node(text: str) -> list[int]:
+    """SLURM's ``SLURM_TASKS_PER_NODE`` (``8(x2),4``) as one count per node."""
+    counts = []
+    for item in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if match is None:
+            raise LaunchConfigError(f"cannot read SLURM tasks per node {text!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def slurm_default_port(job_id: str | None) -> int:
+    """A rendezvous port that differs between jobs sharing a node: 10000 + job id mod 20000."""
+    return 10000 + int(job_id) % 20000 if job_id and job_id.isdigit() else DEFAULT_MASTER_PORT
+
+
+# --------------------------------------------------------------------------- the distributed environment
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits in the job, whichever launcher started it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    node_rank: int
+    launcher: str  # torchrun, openmpi, mpich, slurm, mpi4py or single
+
+    @property
+    def init_method(self) -> str:
+        """``init_method`` for ``torch.distributed.init_process_group``."""
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
+    def export(self, environ: MutableMapping[str, str] | None = None) -> None:
+        """Write the ``env://`` variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+        ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``), for code that reads them, such as Megatron-LM."""
+        environ = os.environ if environ is None else environ
+        environ.update(
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port), NODE_RANK=str(self.node_rank),
+        )
+
+
+def distributed_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
+    """This process's rank, world, local rank, node and rendezvous address, from the environment.
+
+    Looked up in this order:
+
+    1. torchrun (or any ``env://`` launcher): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+       ``GROUP_RANK``/``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+    2. An MPI launcher's own variables: Open MPI's ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}`` or
+       MPICH/Hydra's ``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID``/``MPI_LOCALNRANKS``. They come before SLURM
+       because ``mpirun`` inside an allocation leaves the allocation's ``SLURM_*`` variables in its ranks.
+    3. SLURM, one task per process (``srun``): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``,
+       ``SLURM_NODEID``, ``SLURM_STEP_TASKS_PER_NODE``; ``MASTER_ADDR`` defaults to the first host of
+       ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST`` (expanded here), ``MASTER_PORT`` to
+       :func:`slurm_default_port`. A batch script itself (no ``srun`` step) is not a task.
+    4. Other MPI launches (``PMI_RANK`` or ``PMIX_RANK`` without the above): ``mpi4py``'s ``COMM_WORLD``.
+
+    Under MPI without ``MASTER_ADDR``, rank 0's host name (and, without ``MASTER_PORT``, a free port of
+    it) is broadcast with ``mpi4py``. With none of these, a single process on ``127.0.0.1`` and a free port.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _torchrun_env(env)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE")
+        return _mpi_env(env, "openmpi", *(_require_env(env, name, "Open MPI") for name in names))
+    if all(name in env for name in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")):
+        names = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+        return _mpi_env(env, "mpich", *(int(env[name]) for name in names))
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return _slurm_env(env)
+    if "PMI_RANK" in env or "PMIX_RANK" in env:
+        comm = _mpi4py_world()
+        if comm is None:
+            raise LaunchConfigError(
+                "started by an MPI launcher (PMI_RANK/PMIX_RANK set) that does not export local ranks: "
+                "install mpi4py, or launch with launch_scripts/pretrain_gpt_moe_mpi.sh"
+            )
+        from mpi4py import MPI
+
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        return _mpi_env(env, "mpi4py", comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size())
+    port = _int_at_least(env["MASTER_PORT"], "MASTER_PORT") if env.get("MASTER_PORT") else _free_port()
+    return DistributedEnv(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port, 0, "single")
+
+
+def _require_env(env: Mapping[str, str], name: str, launcher: str) -> int:
+    if name not in env:
+        raise LaunchConfigError(f"{launcher} launch without {name} in the environment")
+    return _int_at_least(env[name], name, minimum=0)
+
+
+def _checked(result: DistributedEnv, variables: str) -> DistributedEnv:
+    if not (0 <= result.rank < result.world_size and 0 <= result.local_rank < result.local_world_size
+            and result.local_world_size <= result.world_size):
+        raise LaunchConfigError(
+            f"inconsistent {result.launcher} environment ({variables}): rank {result.rank} of "
+            f"{result.world_size}, local rank {result.local_rank} of {result.local_world_size}"
+        )
+    return result
+
+
+def _torchrun_env(env: Mapping[str, str]) -> DistributedEnv:
+    rank = _int_at_least(env["RANK"], "RANK", minimum=0)
+    world = _int_at_least(env["WORLD_SIZE"], "WORLD_SIZE")
+    local_world = _int_at_least(env.get("LOCAL_WORLD_SIZE", world), "LOCAL_WORLD_SIZE")
+    local_rank = _int_at_least(env.get("LOCAL_RANK", rank % local_world), "LOCAL_RANK", minimum=0)
+    node = env.get("GROUP_RANK") or env.get("NODE_RANK") or rank // local_world
+    if world > 1 and not env.get("MASTER_ADDR"):
+        raise LaunchConfigError("RANK/WORLD_SIZE are set without MASTER_ADDR: export rank 0's address")
+    return _checked(DistributedEnv(
+        rank, world, local_rank, local_world, env.get("MASTER_ADDR") or "127.0.0.1",
+        _int_at_least(env.get("MASTER_PORT", DEFAULT_MASTER_PORT), "MASTER_PORT"),
+        _int_at_least(node, "GROUP_RANK/NODE_RANK", minimum=0), "torchrun",
+    ), "RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE")
+
+
+def _slurm_env(env: Mapping[str, str]) -> DistributedEnv:
+    rank = _int_at_least(env["SLURM_PROCID"], "SLURM_PROCID", minimum=0)
+    world = _int_at_least(env["SLURM_STEP_NUM_TASKS"], "SLURM_STEP_NUM_TASKS")
+    node = _int_at_least(env.get("SLURM_NODEID", 0), "SLURM_NODEID", minimum=0)
+    local_rank = _int_at_least(env.get("SLURM_LOCALID", 0), "SLURM_LOCALID", minimum=0)
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    counts = expand_tasks_per_node(per_node) if per_node else [world]
+    if node >= len(counts):
+        raise LaunchConfigError(f"SLURM_NODEID {node} is beyond the tasks per node {per_node!r}")
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise LaunchConfigError("SLURM task without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST: export MASTER_ADDR")
+        master_addr = expand_nodelist(nodelist)[0]
+    port = env.get("MASTER_PORT") or slurm_default_port(env.get("SLURM_JOB_ID"))
+    return _checked(DistributedEnv(
+        rank, world, local_rank, counts[node], master_addr, _int_at_least(port, "MASTER_PORT"), node, "slurm",
+    ), "SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE")
+
+
+def _mpi_env(env: Mapping[str, str], launcher: str, rank: int, world: int, local_rank: int,
+             local_world: int) -> DistributedEnv:
+    master_addr, master_port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if not master_addr:
+        if world == 1:
+            master_addr = "127.0.0.1"
+        else:
+            comm = _mpi4py_world()
+            if comm is None:
+                raise LaunchConfigError(
+                    "MASTER_ADDR is not set and mpi4py is not importable: export MASTER_ADDR (rank 0's host) "
+                    "to every rank (mpirun -x / -genv), or install mpi4py"
+                )
+            chosen = (socket.gethostname(), master_port or _free_port()) if comm.Get_rank() == 0 else None
+            master_addr, master_port = comm.bcast(chosen, root=0)
+    node_rank = rank // local_world
+    port = _int_at_least(master_port or DEFAULT_MASTER_PORT, "MASTER_PORT")
+    return _checked(DistributedEnv(rank, world, local_rank, local_world, master_addr, port, node_rank, launcher),
+                    f"{launcher} rank variables")
+
+
+def _mpi4py_world():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- the layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How ``world_size`` processes split into tensor, pipeline, data and expert parallel groups."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    expert: int
+    num_experts: int | None  # fine-grained (E x G); None for a dense model
+
+    @property
+    def data(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline)
+
+    @property
+    def expert_data(self) -> int:
+        """Expert-data-parallel size: megatron-core's world / (expert TP 1 x EP x PP)."""
+        return self.world_size // (self.expert * self.pipeline)
+
+    def describe(self) -> str:
+        text = f"{self.world_size} ranks = TP {self.tensor} x PP {self.pipeline} x DP {self.data}"
+        if self.num_experts is None:
+            return text + "; dense"
+        return (f"{text}; {self.num_experts} experts over EP {self.expert} "
+                f"({self.num_experts // self.expert} per rank), expert DP {self.expert_data}")
+
+
+def check_layout(args: argparse.Namespace, world_size: int, world_source: str | None = None) -> Layout:
+    """Check the parsed trainer arguments against ``world_size`` processes; raise
+    :class:`LaunchConfigError` listing every violation (flags, environment variables, valid values).
+
+    megatron-core 0.16 (``parallel_state.initialize_model_parallel``) needs TP x PP to divide the world
+    (DP = world / (TP x PP)) and, for its expert groups, expert-TP x EP x PP to divide it; the granular layer
+    runs expert-TP 1, so EP must divide world / PP. Besides: experts divisible by EP, ``--num-layers`` by PP
+    (``TransformerConfig``), ``--num-attention-heads`` by TP, ``--global-batch-size`` by micro batch x DP.
+    ``--sequence-parallel`` needs TP > 1, and an MoE model with TP > 1 needs it: expert weights are
+    replicated over the TP ranks (expert-TP 1) and reduced over expert-DP, which holds those ranks, so
+    each TP rank must see its own tokens (megatron-core's ``MoELayer`` refuses to train otherwise too).
+    """
+    source = world_source or f"WORLD_SIZE {world_size}"
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    names = {TP_FLAG: ("TP", tp), PP_FLAG: ("PP", pp), EP_FLAG: ("EP", ep)}
+    invalid = [f"{flag} ({env}) must be >= 1, got {value}" for flag, (env, value) in names.items() if value < 1]
+    if invalid:
+        raise LaunchConfigError("invalid parallel layout:\n  - " + "\n  - ".join(invalid))
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(
+            f"{TP_FLAG} (TP) {tp} x {PP_FLAG} (PP) {pp} = {tp * pp} does not divide the {world_size} processes "
+            f"({source}); valid TP x PP: {_divisors(world_size)}"
+        )
+    num_experts = args.num_experts or None
+    if num_experts is None:
+        if ep != 1:
+            problems.append(f"{EP_FLAG} (EP) {ep} needs an MoE model: set --num-experts, or EP 1")
+    else:
+        if world_size % (ep * pp):
+            valid = _divisors(math.gcd(world_size // pp, num_experts)) if world_size % pp == 0 else "none"
+            problems.append(
+                f"{EP_FLAG} (EP) {ep} x {PP_FLAG} (PP) {pp} = {ep * pp} does not divide the {world_size} "
+                f"processes ({source}): megatron-core builds expert groups of expert-TP 1 x EP x PP; "
+                f"valid EP with PP {pp} and {num_experts} experts: {valid}"
+            )
+        if num_experts % ep:
+            problems.append(
+                f"{num_experts} experts (--num-experts x --moe-granularity) are not divisible by {EP_FLAG} "
+                f"(EP) {ep}; valid EP: {_divisors(num_experts)}"
+            )
+        if tp > 1 and not args.sequence_parallel:
+            problems.append(
+                f"{TP_FLAG} (TP) {tp} with MoE needs --sequence-parallel (expert weights are replicated over "
+                f"the TP ranks, so each must route its own tokens)"
+            )
+    if args.num_layers % pp:
+        problems.append(f"--num-layers {args.num_layers} is not divisible by {PP_FLAG} (PP) {pp}; "
+                        f"valid PP: {_divisors(args.num_layers)}")
+    if args.num_attention_heads % tp:
+        problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by {TP_FLAG} (TP) "
+                        f"{tp}; valid TP: {_divisors(args.num_attention_heads)}")
+    if args.sequence_parallel and tp == 1:
+        problems.append(f"--sequence-parallel needs {TP_FLAG} (TP) > 1; drop it or raise TP")
+    if args.global_batch_size and not world_size % (tp * pp):
+        step = args.micro_batch_size * (world_size // (tp * pp))
+        if args.global_batch_size % step:
+            problems.append(
+                f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+                f"{args.micro_batch_size} x DP {world_size // (tp * pp)} = {step}"
+            )
+    if problems:
+        raise LaunchConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
+    return Layout(world_size, tp, pp, ep, num_experts)
+
+
+def trainer_argv(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The trainer's flags: ``configs/cpu_default.yaml`` when none are given, then ``TP``/``PP``/``EP``
+    from the environment as ``--tensor/pipeline/expert-model-parallel-size`` (a flag that disagrees with
+    its variable is an error)."""
+    argv = list(argv)
+    if not argv:
+        if not DEFAULT_CONFIG.is_file():
+            raise LaunchConfigError(f"no trainer flags given and the default {DEFAULT_CONFIG} is missing: pass --config")
+        argv = ["--config", str(DEFAULT_CONFIG)]
+    for variable, flag in PARALLEL_ENV.items():
+        if not environ.get(variable):
+            continue
+        size = _int_at_least(environ[variable], f"{variable} ({flag})")
+        given = _last_flag_value(argv, flag)
+        if given is None:
+            argv += [flag, str(size)]
+        elif _int_at_least(given, flag) != size:
+            raise LaunchConfigError(f"{flag} {given} disagrees with {variable}={environ[variable]}: set one of them")
+    return argv
+
+
+def _last_flag_value(argv: Sequence[str], flag: str) -> str | None:
+    value = None
+    for position, arg in enumerate(argv):
+        if arg == flag and position + 1 < len(argv):
+            value = argv[position + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def _parse_trainer_args(argv: Sequence[str]) -> argparse.Namespace:
+    with warnings.catch_warnings():
+        # Importing megatron-core warns about missing Transformer Engine / Apex: noise in a launcher.
+        warnings.simplefilter("ignore")
+        from granular_moe.training.arguments import parse_args
+
+    return parse_args(list(argv))
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass
+class NodePlan:
+    """What one node runs: its command, the environment the launcher sets for it, and the variables each
+    of its processes gets from the process launcher (torchrun, srun or mpirun)."""
+
+    node_rank: int
+    host: str | None
+    command: list[str]
+    env: dict[str, str]
+    process_env: dict[str, str]
+    process_env_source: str
+
+
+@dataclass
+class Plan:
+    route: str
+    nnodes: int
+    nproc_per_node: int
+    layout: Layout
+    nodes: list[NodePlan]
+    step: list[str] | None = None  # the one command that starts every node (srun / mpirun)
+    notes: list[str] = field(default_factory=list)
+
+    def render(self, only_node: int | None = None) -> str:
+        """The plan as text: one block per node (only ``only_node``'s when given)."""
+        lines = [f"plan: {self.route}, {self.nnodes} node(s) x {self.nproc_per_node} process(es)",
+                 f"layout: {self.layout.describe()}"]
+        lines += [f"note: {note}" for note in self.notes]
+        if self.step is not None:
+            lines.append(f"step: {shlex.join(self.step)}")
+        for node in self.nodes if only_node is None else self.nodes[only_node:only_node + 1]:
+            lines.append(f"node {node.node_rank}:" + (f" host {node.host}" if node.host else ""))
+            lines.append("  env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in node.env.items()))
+            lines.append(f"  run: {shlex.join(node.command)}")
+            variables = " ".join(f"{k}={v}" for k, v in node.process_env.items())
+            lines.append(f"  ranks: {variables} (set by {node.process_env_source})")
+        return "\n".join(lines)
+
+
+@dataclass
+class LaunchSettings:
+    """Launcher flags and their environment variables, resolved."""
+
+    nnodes: int | None
+    nproc_per_node: int | None
+    node_rank: int | None
+    master_addr: str | None
+    master_port: int | None
+    dry_run: bool
+    extra: dict[str, str]
+
+
+_LAUNCHER_FLAGS = {
+    # flag: (environment variable, kind)
+    "--nnodes": ("NNODES", "count"),
+    "--nproc-per-node": ("NPROC_PER_NODE", "count"),
+    "--node-rank": ("NODE_RANK", "index"),
+    "--master-addr": ("MASTER_ADDR", "text"),
+    "--master-port": ("MASTER_PORT", "count"),
+}
+_ROUTE_FLAGS = {
+    "torchrun": {"--script": (None, "text")},
+    "slurm": {"--launch-mode": ("LAUNCH_MODE", "text"), "--nodelist": ("SLURM_JOB_NODELIST", "text")},
+    "mpirun": {"--hosts": ("HOSTS", "text"), "--mpi-flavor": ("MPI_FLAVOR", "text")},
+    "check": {},
+}
+
+
+def split_launcher_args(route: str, argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchSettings, list[str]]:
+    """Take the launcher's flags out of ``argv`` (the rest are the trainer's), merged with their
+    environment variables; a flag and a variable that disagree are an error."""
+    flags = {**_LAUNCHER_FLAGS, **_ROUTE_FLAGS[route]}
+    given: dict[str, str] = {}
+    rest, dry_run, position = [], False, 0
+    while position < len(argv):
+        arg = argv[position]
+        name, equals, inline = arg.partition("=")
+        if arg == "--dry-run":
+            dry_run = True
+        elif name in flags:
+            if not equals:
+                if position + 1 == len(argv):
+                    raise LaunchConfigError(f"{name} needs a value")
+                position += 1
+                inline = argv[position]
+            given[name] = inline
+        else:
+            rest.append(arg)
+        position += 1
+    values = {}
+    for flag, (variable, kind) in flags.items():
+        candidates = [(flag, given.get(flag)), (variable, environ.get(variable) if variable else None)]
+        parsed = [(name, _launcher_value(value, f"{flag} ({variable})" if variable else flag, kind))
+                  for name, value in candidates if value not in (None, "")]
+        if len(parsed) == 2 and parsed[0][1] != parsed[1][1]:
+            raise LaunchConfigError(f"{flag} {given[flag]} disagrees with {variable}={environ[variable]}: set one of them")
+        values[flag] = parsed[0][1] if parsed else None
+    dry_run = dry_run or environ.get("DRY_RUN", "") not in ("", "0")
+    settings = LaunchSettings(
+        values["--nnodes"], values["--nproc-per-node"], values["--node-rank"], values["--master-addr"],
+        values["--master-port"], dry_run, {flag: values[flag] for flag in _ROUTE_FLAGS[route] if values[flag]},
+    )
+    return settings, rest
+
+
+def _launcher_value(value: str, name: str, kind: str):
+    if kind == "count":
+        return _int_at_least(value, name)
+    if kind == "index":
+        return _int_at_least(value, name, minimum=0)
+    return value
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def default_nproc_per_node(environ: Mapping[str, str]) -> int:
+    """Processes per node when ``NPROC_PER_NODE`` is unset: the node's GPUs (SLURM's count of them, else
+    this machine's), or, without a GPU, 2 gloo processes (1 on a one-core machine)."""
+    for variable in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        if environ.get(variable):
+            # SLURM_GPUS_PER_NODE may name the type: "h100:8".
+            return _int_at_least(environ[variable].split(":")[-1], variable)
+    return local_gpu_count() or min(2, os.cpu_count() or 1)
+
+
+def _omp_threads(environ: Mapping[str, str], nproc: int) -> str:
+    if environ.get("OMP_NUM_THREADS"):
+        return environ["OMP_NUM_THREADS"]
+    cpus = int(environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    return str(max(1, cpus // nproc))
+
+
+def _base_env(environ: Mapping[str, str], nproc: int) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": _omp_threads(environ, nproc)}
+    for variable in ("PYTHONPATH", ENTRY_ENV):
+        if environ.get(variable):
+            env[variable] = environ[variable]
+    return env
+
+
+def _entry_command(environ: Mapping[str, str], argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", environ.get(ENTRY_ENV) or DEFAULT_ENTRY, *argv]
+
+
+def _checked_layout(argv: Sequence[str], nnodes: int, nproc: int) -> Layout:
+    return check_layout(_parse_trainer_args(argv), nnodes * nproc, f"NNODES {nnodes} x NPROC_PER_NODE {nproc}")
+
+
+def plan_torchrun(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[str, str]) -> Plan:
+    """``bash launch_scripts/pretrain_gpt_moe.sh`` on each node: torchrun with a static rendezvous on
+    ``MASTER_ADDR:MASTER_PORT`` (``--standalone`` on one node when neither is given)."""
+    script = settings.extra.get("--script")
+    if not script:
+        raise LaunchConfigError("torchrun route needs --script (the launch script torchrun runs)")
+    nnodes = settings.nnodes or 1
+    nproc = settings.nproc_per_node or default_nproc_per_node(environ)
+    if settings.node_rank is not None and settings.node_rank >= nnodes:
+        raise LaunchConfigError(f"NODE_RANK {settings.node_rank} is not a node of NNODES {nnodes}; valid: 0..{nnodes - 1}")
+    layout = _checked_layout(argv, nnodes, nproc)
+    notes = []
+    standalone = nnodes == 1 and settings.master_addr is None and settings.master_port is None
+    master_addr = settings.master_addr or ("127.0.0.1" if nnodes == 1 else None)
+    if master_addr is None:
+        if not settings.dry_run:
+            raise LaunchConfigError(f"NNODES {nnodes} needs MASTER_ADDR (node 0's address) on every node")
+        master_addr = "node0"
+        notes.append("MASTER_ADDR is not set: node0 stands for node 0's address")
+    master_port = settings.master_port or DEFAULT_MASTER_PORT
+    world = nnodes * nproc
+    nodes = []
+    for node in range(nnodes):
+        if standalone:
+            rendezvous = ["--standalone"]
+            where, source = {}, "torchrun; --standalone: MASTER_ADDR/MASTER_PORT on a free local port"
+        else:
+            rendezvous = ["--nnodes", str(nnodes), "--node-rank", str(node), "--master-addr", master_addr,
+                          "--master-port", str(master_port)]
+            where, source = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}, "torchrun"
+        command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc),
+                   str(Path(script).resolve()), *argv]
+        ranks = {"RANK": _span(node * nproc, node * nproc + nproc - 1), "LOCAL_RANK": _span(0, nproc - 1),
+                 "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": str(node), **where}
+        nodes.append(NodePlan(node, master_addr if node == 0 and not standalone else None, command,
+                              _base_env(environ, nproc), ranks, source))
+    return Plan("torchrun", nnodes, nproc, layout, nodes, notes=notes)
+
+
+def plan_slurm(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[str, str]) -> Plan:
+    """The SLURM batch script's job step. ``LAUNCH_MODE=torchrun``: one task per node running torchrun
+    with a c10d rendezvous on the first node; ``srun-per-gpu``: one task per process."""
+    mode = settings.extra.get("--launch-mode", "torchrun")
+    if mode not in LAUNCH_MODES:
+        raise LaunchConfigError(f"LAUNCH_MODE / --launch-mode {mode!r} is not valid; valid values: {', '.join(LAUNCH_MODES)}")
+    notes = []
+    nodelist = settings.extra.get("--nodelist")
+    job_nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
+    if nodelist:
+        hosts = expand_nodelist(nodelist)
+        if settings.nnodes is not None and settings.nnodes != len(hosts):
+            raise LaunchConfigError(f"NNODES {settings.nnodes} disagrees with the {len(hosts)} hosts of {nodelist!r}")
+    elif settings.dry_run:
+        count = settings.nnodes or (int(job_nodes) if job_nodes else 1)
+        hosts = [f"node{i}" for i in range(count)]
+        notes.append("no SLURM_JOB_NODELIST: node0, node1, ... stand for the allocation's hosts")
+    else:
+        raise LaunchConfigError("not inside a SLURM allocation (no SLURM_JOB_NODELIST): submit with sbatch, or "
+                                "pass --dry-run with NNODES or SLURM_JOB_NODELIST")
+    nnodes = len(hosts)
+    nproc = settings.nproc_per_node or default_nproc_per_node(environ)
+    layout = _checked_layout(argv, nnodes, nproc)
+    job_id = environ.get("SLURM_JOB_ID")
+    port = settings.master_port or slurm_default_port(job_id)
+    world = nnodes * nproc
+    cpus = environ.get("SLURM_CPUS_ON_NODE")
+    env = _base_env(environ, nproc)
+    if mode == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node",
+                   str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0]}:{port}", "--rdzv-id",
+                   job_id or "dry-run", str(REPO_ROOT / "launch_scripts" / "pretrain_gpt_moe.sh"), *argv]
+        tasks_per_node, cpus_per_task = 1, cpus
+    else:
+        env.update(MASTER_ADDR=hosts[0], MASTER_PORT=str(port))
+        command = _entry_command(environ, argv)
+        tasks_per_node, cpus_per_task = nproc, cpus and str(max(1, int(cpus) // nproc))
+    step = ["srun", "--nodes", str(nnodes), "--ntasks", str(nnodes * tasks_per_node), "--ntasks-per-node",
+            str(tasks_per_node)]
+    step += ["--cpus-per-task", cpus_per_task] if cpus_per_task else []
+    step += ["--kill-on-bad-exit=1", *command]
+    nodes = []
+    for node, host in enumerate(hosts):
+        if mode == "torchrun":
+            ranks = {"LOCAL_RANK": _span(0, nproc - 1), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(nproc)}
+            source = (f"torchrun; GROUP_RANK and {nproc} consecutive RANKs per node in the order nodes join the "
+                      f"c10d rendezvous at {hosts[0]}:{port}")
+        else:
+            ranks = {"SLURM_PROCID": _span(node * nproc, node * nproc + nproc - 1), "SLURM_LOCALID": _span(0, nproc - 1),
+                     "SLURM_NODEID": str(node), "SLURM_STEP_NUM_TASKS": str(world)}
+            source = "srun"
+        nodes.append(NodePlan(node, host, command, env, ranks, source))
+    return Plan(f"slurm {mode}", nnodes, nproc, layout, nodes, step=step, notes=notes)
+
+
+def plan_mpirun(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[str, str]) -> Plan:
+    """One ``mpirun`` on the first node starts every process; ranks come from the MPI launcher."""
+    notes = []
+    hosts_text = settings.extra.get("--hosts") or environ.get("SLURM_JOB_NODELIST")
+    if hosts_text:
+        hosts = expand_nodelist(hosts_text)
+        if settings.nnodes is not None and settings.nnodes != len(hosts):
+            raise LaunchConfigError(f"NNODES {settings.nnodes} disagrees with the {len(hosts)} hosts {hosts_text!r}")
+    elif (settings.nnodes or 1) == 1:
+        hosts = None
+    elif settings.dry_run:
+        hosts = [f"node{i}" for i in range(settings.nnodes)]
+        notes.append("HOSTS is not set: node0, node1, ... stand for the hosts")
+    else:
+        raise LaunchConfigError(f"NNODES {settings.nnodes} needs HOSTS (or --hosts): the node names, comma separated")
+    nnodes = len(hosts) if hosts else 1
+    nproc = settings.nproc_per_node or default_nproc_per_node(environ)
+    layout = _checked_layout(argv, nnodes, nproc)
+    flavor = settings.extra.get("--mpi-flavor") or detect_mpi_flavor()
+    if flavor is None:
+        if not settings.dry_run:
+            raise LaunchConfigError("mpirun is not on PATH (set MPI_FLAVOR to mpich or openmpi once it is)")
+        flavor = "mpich"
+        notes.append("mpirun is not on PATH: MPICH syntax shown (MPI_FLAVOR=openmpi for Open MPI's)")
+    if flavor not in MPI_FLAVORS:
+        raise LaunchConfigError(f"MPI_FLAVOR / --mpi-flavor {flavor!r} is not valid; valid values: {', '.join(MPI_FLAVORS)}")
+    world = nnodes * nproc
+    env = _base_env(environ, nproc)
+    env.update(MASTER_ADDR=hosts[0] if hosts else "127.0.0.1",
+               MASTER_PORT=str(settings.master_port or DEFAULT_MASTER_PORT))
+    command = _entry_command(environ, argv)
+    if flavor == "mpich":
+        step = ["mpirun", "-np", str(world), "-ppn", str(nproc)]
+        step += ["-hosts", ",".join(hosts)] if hosts else []
+        for name, value in env.items():
+            step += ["-genv", name, value]
+        names = ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS")
+    else:
+        step = ["mpirun", "-np", str(world), "--map-by", f"ppr:{nproc}:node"]
+        step += ["-H", ",".join(f"{host}:{nproc}" for host in hosts)] if hosts else []
+        for name, value in env.items():
+            step += ["-x", f"{name}={value}"]
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE")
+    step += command
+    nodes = []
+    for node in range(nnodes):
+        values = (_span(node * nproc, node * nproc + nproc - 1), _span(0, nproc - 1), str(world), str(nproc))
+        nodes.append(NodePlan(node, hosts[node] if hosts else None, command, env, dict(zip(names, values)),
+                              f"mpirun ({flavor})"))
+    return Plan(f"mpirun ({flavor})", nnodes, nproc, layout, nodes, step=step, notes=notes)
+
+
+def detect_mpi_flavor() -> str | None:
+    """``openmpi`` or ``mpich`` from ``mpirun --version``; None when there is no mpirun."""
+    if shutil.which("mpirun") is None:
+        return None
+    result = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=60)
+    return "openmpi" if "Open MPI" in result.stdout + result.stderr else "mpich"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_worker(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """One process of the job (the Python side of ``launch_scripts/pretrain_gpt_moe.sh`` under torchrun):
+    run the entry module's ``main`` with the trainer's flags. ``--dry-run``/``DRY_RUN=1`` prints it instead."""
+    environ = os.environ if environ is None else environ
+    argv = list(argv)
+    dry_run = "--dry-run" in argv or environ.get("DRY_RUN", "") not in ("", "0")
+    argv = trainer_argv([arg for arg in argv if arg != "--dry-run"], environ)
+    entry = environ.get(ENTRY_ENV) or DEFAULT_ENTRY
+    if dry_run:
+        where = distributed_env(environ)
+        print(f"rank {where.rank} of {where.world_size} ({where.launcher}): "
+              f"{shlex.join(_entry_command(environ, argv))}", flush=True)
+        return 0
+    return importlib.import_module(entry).main(argv) or 0
+
+
+def _execute(plan: Plan, node_rank: int, environ: Mapping[str, str]) -> None:
+    """Replace this process with the plan's step (srun / mpirun) or the given node's command."""
+    command = plan.step or plan.nodes[node_rank].command
+    if shutil.which(command[0]) is None:
+        raise LaunchConfigError(f"{command[0]} is not on PATH")
+    print(plan.render(None if plan.step else node_rank), file=sys.stderr, flush=True)
+    os.execvpe(command[0], command, {**environ, **plan.nodes[node_rank].env})
+
+
+USAGE = """\
+usage: python -m granular_moe.training.launch COMMAND [launcher flags] [trainer flags]
+
+commands:
+  check     check the layout for NNODES x NPROC_PER_NODE processes and print it
+  torchrun  --script FILE: run FILE under torchrun on this node (launch_scripts/pretrain_gpt_moe.sh)
+  slurm     run the SLURM job step (launch_scripts/pretrain_gpt_moe.sbatch)
+  mpirun    run the job with mpirun (launch_scripts/pretrain_gpt_moe_mpi.sh)
+
+launcher flags (environment variable):
+  --nnodes N (NNODES)                 nodes, default 1 (SLURM: the allocation's)
+  --nproc-per-node N (NPROC_PER_NODE) processes per node, default: the node's GPUs, else 2 on a CPU
+  --node-rank R (NODE_RANK)           this node's index (torchrun route, NNODES > 1)
+  --master-addr A (MASTER_ADDR)       node 0's address (torchrun route, NNODES > 1)
+  --master-port P (MASTER_PORT)       rendezvous port, default 29500 (SLURM: 10000 + job id mod 20000)
+  --launch-mode M (LAUNCH_MODE)       slurm: torchrun (default) or srun-per-gpu
+  --nodelist L (SLURM_JOB_NODELIST)   slurm: the hosts, SLURM syntax (node[01-16])
+  --hosts L (HOSTS)                   mpirun: the hosts, comma separated or SLURM syntax
+  --mpi-flavor F (MPI_FLAVOR)         mpirun: mpich or openmpi (default: from mpirun --version)
+  --dry-run (DRY_RUN=1)               print, per node, the command and environment; start nothing
+TP, PP and EP set --tensor-, --pipeline- and --expert-model-parallel-size. No trainer flags: the
+embedded default, configs/cpu_default.yaml. GRANULAR_MOE_ENTRY names the module to run (default
+granular_moe.training.pretrain). Trainer flags: python -m granular_moe.training.pretrain --help.
+"""
+
+_PLANNERS = {"torchrun": plan_torchrun, "slurm": plan_slurm, "mpirun": plan_mpirun}
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ if environ is None else environ)
+    if not argv or argv[0] not in (*_PLANNERS, "check") or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    route, rest = argv[0], argv[1:]
+    if "-h" in rest or "--help" in rest:
+        print(USAGE)
+        return 0
+    try:
+        settings, trainer_flags = split_launcher_args(route, rest, environ)
+        trainer_flags = trainer_argv(trainer_flags, environ)
+        if route == "check":
+            nnodes = settings.nnodes or 1
+            nproc = settings.nproc_per_node or default_nproc_per_node(environ)
+            print(f"layout: {_checked_layout(trainer_flags, nnodes, nproc).describe()}")
+            return 0
+        plan = _PLANNERS[route](settings, trainer_flags, environ)
+        if settings.dry_run:
+            print(plan.render())
+            return 0
+        node_rank = _this_node(route, plan, settings, environ)
+        _execute(plan, node_rank, environ)
+    except GranularMoEConfigError as error:
+        print(f"granular-moe launch: error: {error}", file=sys.stderr)
+        return 2
+    return 0  # not reached: _execute replaces the process
+
+
+def _this_node(route: str, plan: Plan, settings: LaunchSettings, environ: Mapping[str, str]) -> int:
+    if route != "torchrun":
+        return 0  # srun and mpirun start every node from here
+    if plan.nnodes > 1 and settings.node_rank is None:
+        raise LaunchConfigError(f"NNODES {plan.nnodes} needs NODE_RANK (this node's index, 0..{plan.nnodes - 1})")
+    gpus = local_gpu_count()
+    if gpus and plan.nproc_per_node > gpus:
+        raise LaunchConfigError(f"NPROC_PER_NODE {plan.nproc_per_node} is more than this node's {gpus} GPUs")
+    return settings.node_rank or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
