@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -12,6 +13,15 @@ from granular_moe.ops import kernels_for
 
 class ExpertCheckpointMismatch(RuntimeError):
     """A checkpoint's experts are not the ones this rank owns (the expert-parallel layout changed)."""
+
+
+def _expert_rng():
+    """Megatron's expert-parallel RNG stream when seeded (each expert-parallel rank draws its own experts,
+    expert-data-parallel replicas the same ones), else the default generator."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+
+    tracker, name = get_cuda_rng_tracker(), get_expert_parallel_rng_tracker_name()
+    return tracker.fork(name) if name in tracker.get_states() else contextlib.nullcontext()
 
 
 class GroupedExperts(torch.nn.Module):
@@ -43,8 +53,9 @@ class GroupedExperts(torch.nn.Module):
             torch.empty(num_local_experts, expert_hidden, hidden, dtype=dtype, device=device)
         )
         if config.perform_initialization:
-            config.init_method(self.weight1)
-            config.output_layer_init_method(self.weight2)
+            with _expert_rng():
+                config.init_method(self.weight1)
+                config.output_layer_init_method(self.weight2)
         for weight in (self.weight1, self.weight2):
             # Expert weights: gradients are reduced over the expert-data-parallel group only.
             setattr(weight, "allreduce", False)
@@ -55,11 +66,16 @@ class GroupedExperts(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Expert outputs for expert-sorted rows (``x[gather_index]`` when ``gather_index`` is given)."""
+        """Expert outputs for expert-sorted rows (``x[gather_index]`` when ``gather_index`` is given).
+
+        Under ``torch.autocast`` the experts compute in the autocast dtype, as ``torch.nn.Linear`` does.
+        """
+        weight1, weight2 = self.weight1, self.weight2
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight1, weight2 = x.to(dtype), weight1.to(dtype), weight2.to(dtype)
         ops = kernels_for(self.kernels, x.device)
-        return ops.grouped_mlp(
-            x, tokens_per_expert, self.weight1, self.weight2, self.activation, self.gated, gather_index
-        )
+        return ops.grouped_mlp(x, tokens_per_expert, weight1, weight2, self.activation, self.gated, gather_index)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "global_expert_ids")

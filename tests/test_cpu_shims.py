@@ -19,12 +19,15 @@ def test_shims_change_nothing_on_a_gpu_build():
         import torch
         torch.cuda.is_available = lambda: True   # what a GPU build reports
         from megatron.core import utils
+        from megatron.core.models.common.language_module.language_module import LanguageModule
         from megatron.core.tensor_parallel import random
-        before = (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker, random._CUDA_RNG_STATE_TRACKER)
+        def megatron_state():
+            return (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker,
+                    random._CUDA_RNG_STATE_TRACKER, LanguageModule.setup_embeddings_and_output_layer, torch.Tensor.cuda)
+        before = megatron_state()
         from granular_moe.megatron.cpu_shims import apply_cpu_shims, cpu_shims_applied
         applied = apply_cpu_shims()
-        after = (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker, random._CUDA_RNG_STATE_TRACKER)
-        print(applied, cpu_shims_applied(), all(a is b for a, b in zip(before, after)))
+        print(applied, cpu_shims_applied(), all(a is b for a, b in zip(before, megatron_state())))
         """
     )
     assert out.split() == ["False", "False", "True"]

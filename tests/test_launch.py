@@ -79,7 +79,6 @@ def test_layout_of_a_valid_moe_job():
     (["--tensor-model-parallel-size", "16", "--sequence-parallel"], 16, "--num-attention-heads 8 is not divisible "
      "by --tensor-model-parallel-size (TP) 16; valid TP: 1, 2, 4, 8"),
     (["--sequence-parallel"], 4, "--sequence-parallel needs --tensor-model-parallel-size (TP) > 1"),
-    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], 4, "(TP) 2 with MoE needs --sequence-parallel"),
     (["--global-batch-size", "20", "--micro-batch-size", "4"], 2, "--global-batch-size 20 is not a multiple of "
      "--micro-batch-size 4 x DP 2 = 8"),
     (["--tensor-model-parallel-size", "0"], 4, "--tensor-model-parallel-size (TP) must be >= 1, got 0"),
@@ -105,6 +104,9 @@ def test_dense_and_moe_layouts_that_megatron_core_accepts():
     args = layout_args("--num-experts", "8", "--tensor-model-parallel-size", "4", "--sequence-parallel",
                        "--expert-model-parallel-size", "8")
     assert check_layout(args, 8).expert_data == 1
+    # The granular layer shares tokens out over TP ranks without sequence parallelism too.
+    no_sp = layout_args("--num-experts", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2")
+    assert check_layout(no_sp, 4).describe() == "4 ranks = TP 2 x PP 1 x DP 2; 4 experts over EP 2 (2 per rank), expert DP 2"
 
 
 # --------------------------------------------------------------------------- flags and environment

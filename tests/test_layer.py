@@ -117,3 +117,16 @@ def test_padding_is_routed_but_left_out_of_the_losses():
     valid_logits = (x[:-3].reshape(-1, config.hidden_size) @ layer.router.weight.t())
     torch.testing.assert_close(masked_z, ref.z_loss(valid_logits))
     assert not torch.allclose(masked_z, layer.stats.z_loss)
+
+
+def test_experts_compute_in_the_autocast_dtype():
+    config = moe_config(4, dtype=torch.float32)
+    torch.manual_seed(0)
+    layer = GranularMoELayer(config, layer_number=1)
+    x = torch.randn(SEQ, BATCH, config.hidden_size)
+    full, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = layer(x)
+    assert mixed.dtype == torch.bfloat16 and layer.experts.weight1.dtype == torch.float32
+    torch.testing.assert_close(mixed.float(), full, rtol=3e-2, atol=3e-2)
+    assert not torch.equal(mixed.float(), full)

@@ -1,12 +1,15 @@
 """What megatron-core 0.16's GPT model needs to run on a CPU (gloo), applied only where no GPU is present.
 
-Two CUDA-only spots stand in the way (build the model with ``use_cpu_initialization=True``):
+Two CUDA-only spots stand in the way of every model (build it with ``use_cpu_initialization=True``),
+and a third one of pipeline-parallel models with tied embeddings:
 
 1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
    (attention's matmul buffer): the shim allocates on the CPU instead.
 2. The RNG tracker (``get_cuda_rng_tracker().fork()``, used for dropout and initialisation) stores and
    swaps CUDA generator states: the shim's tracker keeps CPU generator states with the same names and
    seeds, so Megatron's own ``model_parallel_cuda_manual_seed`` works unchanged.
+3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the last stage's copy of the tied embedding
+   to CUDA before all-reducing it from the first stage: the shim keeps it where it is.
 
 On a machine with a GPU :func:`apply_cpu_shims` changes nothing.
 """
@@ -19,10 +22,12 @@ import operator
 
 import torch
 from megatron.core import utils as megatron_utils
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.tensor_parallel import random as megatron_random
 
 _ORIGINAL_GET_TENSOR = megatron_utils.GlobalMemoryBuffer.get_tensor
 _ORIGINAL_TRACKER = megatron_random.CudaRNGStatesTracker
+_ORIGINAL_SETUP_EMBEDDINGS = LanguageModule.setup_embeddings_and_output_layer
 
 
 def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
@@ -59,15 +64,26 @@ class CpuRNGStatesTracker(_ORIGINAL_TRACKER):
             torch.set_rng_state(outer_state)
 
 
+def _cpu_setup_embeddings_and_output_layer(self):
+    """Megatron's setup with ``Tensor.cuda`` a no-op for its duration (construction is single-threaded)."""
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+    try:
+        return _ORIGINAL_SETUP_EMBEDDINGS(self)
+    finally:
+        torch.Tensor.cuda = cuda
+
+
 def cpu_shims_applied() -> bool:
     return megatron_utils.GlobalMemoryBuffer.get_tensor is _cpu_get_tensor
 
 
 def apply_cpu_shims() -> bool:
-    """Apply both shims when no GPU is present; returns whether they are in place."""
+    """Apply the shims when no GPU is present; returns whether they are in place."""
     if torch.cuda.is_available():
         return False
     megatron_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    LanguageModule.setup_embeddings_and_output_layer = _cpu_setup_embeddings_and_output_layer
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tracker = megatron_random._CUDA_RNG_STATE_TRACKER
     if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):

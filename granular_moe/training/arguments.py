@@ -16,6 +16,7 @@ import yaml
 
 from granular_moe.config import DROP_POLICIES, GranularMoEConfigError
 from granular_moe.megatron.arguments import add_granular_moe_args
+from granular_moe.training.tokenizer import DEFAULT_VOCAB_SIZE
 
 
 def moe_layer_freq_type(value):
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-path", type=Path, default=None,
                       help="prefix of a megatron-core indexed dataset (.bin/.idx); default: the embedded corpus")
     data.add_argument("--tokenizer-model", type=Path, default=None, help="sentencepiece model for --data-path")
-    data.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the embedded corpus's tokenizer")
+    data.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                      help="vocabulary of the embedded corpus's tokenizer")
+    data.add_argument("--corpus-max-bytes", type=int, default=None,
+                      help="use at most this much of the embedded corpus's source (default: all of it)")
     data.add_argument("--split", default="969,30,1", help="train,valid,test weights")
 
     evaluation = parser.add_argument_group("evaluation and logging")

@@ -345,9 +345,8 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
     (DP = world / (TP x PP)) and, for its expert groups, expert-TP x EP x PP to divide it; the granular layer
     runs expert-TP 1, so EP must divide world / PP. Besides: experts divisible by EP, ``--num-layers`` by PP
     (``TransformerConfig``), ``--num-attention-heads`` by TP, ``--global-batch-size`` by micro batch x DP.
-    ``--sequence-parallel`` needs TP > 1, and an MoE model with TP > 1 needs it: expert weights are
-    replicated over the TP ranks (expert-TP 1) and reduced over expert-DP, which holds those ranks, so
-    each TP rank must see its own tokens (megatron-core's ``MoELayer`` refuses to train otherwise too).
+    ``--sequence-parallel`` needs TP > 1. (An MoE model with TP > 1 trains with or without it: the granular
+    layer gives each TP rank its own tokens either way.)
     """
     source = world_source or f"WORLD_SIZE {world_size}"
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
@@ -377,11 +376,6 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
             problems.append(
                 f"{num_experts} experts (--num-experts x --moe-granularity) are not divisible by {EP_FLAG} "
                 f"(EP) {ep}; valid EP: {_divisors(num_experts)}"
-            )
-        if tp > 1 and not args.sequence_parallel:
-            problems.append(
-                f"{TP_FLAG} (TP) {tp} with MoE needs --sequence-parallel (expert weights are replicated over "
-                f"the TP ranks, so each must route its own tokens)"
             )
     if args.num_layers % pp:
         problems.append(f"--num-layers {args.num_layers} is not divisible by {PP_FLAG} (PP) {pp}; "

@@ -1,0 +1,91 @@
+"""The main job's model: a megatron-core GPT (granular MoE where ``--moe-layer-freq`` puts MoE) built from
+the parsed flags, one pipeline stage per rank."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs as megatron_specs
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from granular_moe.megatron import get_gpt_decoder_block_spec
+from granular_moe.megatron.arguments import megatron_default_ffn_hidden_size
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
+    """Megatron-LM's padding (``--make-vocab-size-divisible-by 128`` per tensor-parallel rank)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
+    """The megatron-core config of the parsed flags (MoE fields already fine-grained)."""
+    moe = bool(args.num_experts)
+    ffn = args.ffn_hidden_size or megatron_default_ffn_hidden_size(args.hidden_size, args.swiglu)
+    fields = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=ffn,
+        num_attention_heads=args.num_attention_heads,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        normalization=args.normalization,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=False,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    if moe:
+        fields.update(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_layer_freq=args.moe_layer_freq,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+            moe_token_drop_policy=args.moe_token_drop_policy,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_router_dtype=args.moe_router_dtype,
+            # Megatron's own check wants it for top-1; the granular router's softmax always comes first.
+            moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
+            moe_per_layer_logging=args.moe_per_layer_logging,
+        )
+    return TransformerConfig(**fields)
+
+
+def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> GPTModel:
+    """This rank's pipeline stage of the GPT."""
+    if config.num_moe_experts:
+        spec = get_gpt_decoder_block_spec(
+            config,
+            use_transformer_engine=False,
+            router_type=args.moe_router_type,
+            kernels=args.moe_kernels,
+            normalization=args.normalization,
+        )
+    else:
+        spec = megatron_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=padded_vocab_size(vocab_size, args.tensor_model_parallel_size),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+    )
+    return model.cuda() if torch.cuda.is_available() else model

@@ -1,0 +1,56 @@
+"""Expert weights carry their global expert ids: a plain state dict refuses another rank's experts, and
+megatron-core's distributed checkpoint reshards them (saved with 2 expert-parallel ranks, loaded on one)."""
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from granular_moe import GranularMoELayer
+from granular_moe.experts import ExpertCheckpointMismatch, GroupedExperts
+from helpers import moe_config
+
+
+def test_state_dict_of_other_experts_is_refused():
+    config = moe_config(4, expert_model_parallel_size=2)
+    mine = GroupedExperts(config, 8, first_expert=0)
+    theirs = GroupedExperts(config, 8, first_expert=8)
+    assert theirs.global_expert_ids.tolist() == list(range(8, 16))
+    with pytest.raises(ExpertCheckpointMismatch, match=r"holds experts \[8, .*, 15\] but this rank owns \[0, .*, 7\]"):
+        mine.load_state_dict(theirs.state_dict())
+    mine.load_state_dict(GroupedExperts(config, 8, first_expert=0).state_dict())
+
+
+def expert_shards(rank, world_size):
+    """Each rank's distributed-checkpoint view of its experts (megatron-core's ShardedTensor fields)."""
+    from megatron.core import tensor_parallel
+
+    from granular_moe.parallel import initialize_model_parallel
+
+    initialize_model_parallel(expert=2)
+    tensor_parallel.model_parallel_cuda_manual_seed(7)
+    layer = GranularMoELayer(moe_config(4, expert_model_parallel_size=2), layer_number=1)
+    sharded = layer.sharded_state_dict(prefix="mlp.", sharded_offsets=((0, 3, 8),))
+    return {
+        key: (tensor.key, tensor.global_shape, tensor.global_offset, tensor.replica_id, tensor.data.clone())
+        for key, tensor in sharded.items()
+        if key.startswith("mlp.experts.weight")
+    }
+
+
+def test_distributed_checkpoint_view_places_each_rank_at_its_global_experts(gloo_world):
+    """What megatron-core's dist_checkpointing reshards by: with the layer at pipeline offset (3 of 8
+    layers), the experts of EP rank r sit at offset (3, 8r, 0, 0) of a [8, 16, ...] global tensor."""
+    shards = run_distributed(expert_shards, 2)
+    single = GranularMoELayer(moe_config(4), layer_number=1).sharded_state_dict(prefix="mlp.", sharded_offsets=((0, 3, 8),))
+    for name, width in (("weight1", 64 // 4), ("weight2", 16)):
+        key = f"mlp.experts.{name}"
+        global_shape = single[key].global_shape
+        assert global_shape == ((8, 16, 16, width) if name == "weight1" else (8, 16, 16, 16))
+        covered = []
+        for rank, shard in enumerate(shards):
+            saved_key, shape, offset, replica, data = shard[key]
+            assert (saved_key, shape, replica) == (key, global_shape, 0)
+            assert offset == (3, 8 * rank, 0, 0) and data.shape == (8, *global_shape[2:])
+            covered += range(offset[1], offset[1] + data.shape[0])
+        assert covered == list(range(16))  # the two ranks tile the layer's experts exactly once
+        assert single[key].global_offset == (3, 0, 0, 0) and single[key].data.shape == global_shape[1:]
