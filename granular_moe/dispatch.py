@@ -82,87 +82,60 @@ class AllToAllDispatcher:
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         ops = kernels_for(self.kernels, x.device)
-        device, num_tokens = x.device, routing.num_tokens
-        num_assignments = routing.expert_index.numel()
-        tokens = torch.repeat_interleave(
-            torch.arange(num_tokens, device=device), routing.token_offsets.diff(), output_size=num_assignments
+        plan = ops.expert_parallel_plan(
+            routing.expert_index, routing.token_offsets, self.num_local_experts, self.ep_size
         )
-        destination = routing.expert_index // self.num_local_experts
-        # Assignments are grouped by token with experts ascending, so each (token, rank) pair is a run.
-        starts_pair = torch.ones(num_assignments, dtype=torch.bool, device=device)
-        starts_pair[1:] = (tokens[1:] != tokens[:-1]) | (destination[1:] != destination[:-1])
-        pair_first = starts_pair.nonzero().squeeze(1)
-        pair_token, pair_rank = tokens[pair_first], destination[pair_first]
-        pair_size = torch.diff(pair_first, append=pair_first.new_tensor([num_assignments]))
-
-        send_rows = torch.argsort(pair_rank, stable=True)  # pairs, grouped by destination, token order
-        send_assignments = torch.argsort(destination, stable=True)  # the same order, per assignment
-        rows_per_rank = torch.bincount(pair_rank, minlength=self.ep_size)
-        assignments_per_rank = torch.bincount(destination, minlength=self.ep_size)
-
-        counts = torch.stack([rows_per_rank, assignments_per_rank], dim=1)
+        counts = torch.stack([plan.rows_per_rank, plan.assignments_per_rank], dim=1)
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
-        send_row_splits, send_assignment_splits = counts.t().tolist()
-        recv_row_splits, recv_assignment_splits = received_counts.t().tolist()
+        send_rows, send_assignments = counts.t().tolist()
+        recv_rows, recv_assignments = received_counts.t().tolist()
 
         # Integer metadata in one all-to-all: per destination, its rows' sizes then its local expert ids.
-        local_expert = routing.expert_index % self.num_local_experts
-        metadata = torch.cat(
-            [
-                torch.cat([rows, ids])
-                for rows, ids in zip(
-                    pair_size[send_rows].split(send_row_splits),
-                    local_expert[send_assignments].split(send_assignment_splits),
-                )
-            ]
-        )
-        received_metadata = metadata.new_empty(sum(recv_row_splits) + sum(recv_assignment_splits))
+        local_expert = (routing.expert_index % self.num_local_experts)[plan.send_assignments]
+        metadata = torch.cat([
+            torch.cat(pair)
+            for pair in zip(plan.send_row_size.split(send_rows), local_expert.split(send_assignments))
+        ])
+        received_metadata = metadata.new_empty(sum(recv_rows) + sum(recv_assignments))
         dist.all_to_all_single(
             received_metadata,
             metadata,
-            [r + a for r, a in zip(recv_row_splits, recv_assignment_splits)],
-            [r + a for r, a in zip(send_row_splits, send_assignment_splits)],
+            [r + a for r, a in zip(recv_rows, recv_assignments)],
+            [r + a for r, a in zip(send_rows, send_assignments)],
             group=self.group,
         )
-        segments = received_metadata.split(
-            [n for pair in zip(recv_row_splits, recv_assignment_splits) for n in pair]
-        )
-        received_sizes = torch.cat(segments[0::2])
-        received_experts = torch.cat(segments[1::2])
+        segments = received_metadata.split([n for pair in zip(recv_rows, recv_assignments) for n in pair])
+        received_sizes, received_experts = torch.cat(segments[0::2]), torch.cat(segments[1::2])
 
-        x_sent = all_to_all(x.index_select(0, pair_token[send_rows]), send_row_splits, recv_row_splits, self.group)
-        weight_sent = all_to_all(
-            routing.weight[send_assignments], send_assignment_splits, recv_assignment_splits, self.group
-        )
+        x_sent = all_to_all(ops.permute(x, plan.send_token), send_rows, recv_rows, self.group)
+        weight_sent = all_to_all(routing.weight[plan.send_assignments], send_assignments, recv_assignments, self.group)
         received = Routing(
             expert_index=received_experts,
             weight=weight_sent,
             token_offsets=torch.nn.functional.pad(torch.cumsum(received_sizes, 0), (1, 0)),
             num_experts=self.num_local_experts,
         )
-        partial = self.local(x_sent, received, experts)
-        returned = all_to_all(partial, recv_row_splits, send_row_splits, self.group)
+        returned = all_to_all(self.local(x_sent, received, experts), recv_rows, send_rows, self.group)
+        self.traffic = _traffic(send_rows, send_assignments, self.ep_rank, x, weight_sent, metadata)
 
-        element = x.element_size()
-        remote_rows = sum(send_row_splits) - send_row_splits[self.ep_rank]
-        remote_assignments = sum(send_assignment_splits) - send_assignment_splits[self.ep_rank]
-        self.traffic = AllToAllTraffic(
-            rows_sent=sum(send_row_splits),
-            remote_rows_sent=remote_rows,
-            remote_bytes_sent=(
-                remote_rows * (x.shape[1] * element + metadata.element_size())
-                + remote_assignments * (weight_sent.element_size() + metadata.element_size())
-            ),
-            assignments=num_assignments,
-        )
+        # Each token sums the rows it got back (one per rank it visited).
+        ones = torch.ones(plan.send_token.numel(), dtype=routing.weight.dtype, device=x.device)
+        return ops.combine(returned, ones, plan.sent_row_of_pair, plan.pair_offsets)
 
-        # Sum each token's returned rows (one per rank it visited), in pair (token-major) order.
-        row_of_pair = torch.empty_like(send_rows)
-        row_of_pair[send_rows] = torch.arange(send_rows.numel(), device=device)
-        pair_offsets = torch.nn.functional.pad(torch.cumsum(torch.bincount(pair_token, minlength=num_tokens), 0), (1, 0))
-        ones = torch.ones(send_rows.numel(), dtype=routing.weight.dtype, device=device)
-        return ops.combine(returned, ones, row_of_pair, pair_offsets)
+
+def _traffic(send_rows, send_assignments, ep_rank, x, weights, metadata) -> AllToAllTraffic:
+    remote_rows = sum(send_rows) - send_rows[ep_rank]
+    remote_assignments = sum(send_assignments) - send_assignments[ep_rank]
+    return AllToAllTraffic(
+        rows_sent=sum(send_rows),
+        remote_rows_sent=remote_rows,
+        remote_bytes_sent=(
+            remote_rows * (x.shape[1] * x.element_size() + metadata.element_size())
+            + remote_assignments * (weights.element_size() + metadata.element_size())
+        ),
+        assignments=sum(send_assignments),
+    )
 
 
 class _SplitTokens(torch.autograd.Function):

@@ -19,3 +19,23 @@ class DispatchPlan:
     source_token: torch.Tensor  # [A] int64
     row_of_assignment: torch.Tensor  # [A] int64
     tokens_per_expert: torch.Tensor  # [E] int64
+
+
+@dataclass
+class ExpertParallelPlan:
+    """How a rank's assignments travel to the expert-parallel ranks: one row per (token, destination rank),
+    carrying that token's assignments to the destination's experts.
+
+    Sent rows are grouped by destination rank, in token order within a rank: row ``i`` is token
+    ``send_token[i]`` with ``send_row_size[i]`` assignments; ``send_assignments`` lists the assignments
+    (token-major indices) in the same order. Coming back, token ``t`` sums the rows
+    ``sent_row_of_pair[pair_offsets[t]:pair_offsets[t + 1]]``.
+    """
+
+    send_token: torch.Tensor  # [R] int64
+    send_row_size: torch.Tensor  # [R] int64
+    send_assignments: torch.Tensor  # [A] int64
+    rows_per_rank: torch.Tensor  # [EP] int64
+    assignments_per_rank: torch.Tensor  # [EP] int64
+    pair_offsets: torch.Tensor  # [T + 1] int64
+    sent_row_of_pair: torch.Tensor  # [R] int64

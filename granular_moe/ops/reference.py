@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from granular_moe.ops.plan import DispatchPlan
+from granular_moe.ops.plan import DispatchPlan, ExpertParallelPlan
 
 
 def dispatch_plan(expert_index: torch.Tensor, token_offsets: torch.Tensor, num_experts: int) -> DispatchPlan:
@@ -22,6 +22,38 @@ def dispatch_plan(expert_index: torch.Tensor, token_offsets: torch.Tensor, num_e
         source_token=token_of_assignment[order],
         row_of_assignment=row_of_assignment,
         tokens_per_expert=torch.bincount(expert_index, minlength=num_experts),
+    )
+
+
+def expert_parallel_plan(
+    expert_index: torch.Tensor, token_offsets: torch.Tensor, num_local_experts: int, ep_size: int
+) -> ExpertParallelPlan:
+    """Destination ranks of the assignments (rank ``r`` owns experts ``[r L, (r + 1) L)``), de-duplicated
+    to one row per (token, rank)."""
+    device, num_assignments = expert_index.device, expert_index.numel()
+    num_tokens = token_offsets.numel() - 1
+    tokens = torch.repeat_interleave(
+        torch.arange(num_tokens, device=device), token_offsets.diff(), output_size=num_assignments
+    )
+    destination = expert_index // num_local_experts
+    # Assignments are grouped by token with experts ascending, so each (token, rank) pair is a run.
+    starts_pair = torch.ones(num_assignments, dtype=torch.bool, device=device)
+    starts_pair[1:] = (tokens[1:] != tokens[:-1]) | (destination[1:] != destination[:-1])
+    pair_first = starts_pair.nonzero().squeeze(1)
+    pair_token, pair_rank = tokens[pair_first], destination[pair_first]
+    pair_size = torch.diff(pair_first, append=pair_first.new_tensor([num_assignments]))
+    send_pairs = torch.argsort(pair_rank, stable=True)
+    sent_row_of_pair = torch.empty_like(send_pairs)
+    sent_row_of_pair[send_pairs] = torch.arange(send_pairs.numel(), device=device)
+    pairs_per_token = torch.bincount(pair_token, minlength=num_tokens)
+    return ExpertParallelPlan(
+        send_token=pair_token[send_pairs],
+        send_row_size=pair_size[send_pairs],
+        send_assignments=torch.argsort(destination, stable=True),
+        rows_per_rank=torch.bincount(pair_rank, minlength=ep_size),
+        assignments_per_rank=torch.bincount(destination, minlength=ep_size),
+        pair_offsets=torch.nn.functional.pad(torch.cumsum(pairs_per_token, 0), (1, 0)),
+        sent_row_of_pair=sent_row_of_pair,
     )
 
 

@@ -23,7 +23,8 @@ GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class TritonKernels:
-    """``dispatch_plan``, ``permute``, ``grouped_mlp`` and ``combine`` in Triton.
+    """``dispatch_plan``, ``permute``, ``grouped_mlp`` and ``combine`` in Triton (and the reference's
+    ``expert_parallel_plan``).
 
     ``grouped_mlp`` fuses the activations in :data:`FUSED_ACTIVATIONS` for fp16, bf16 and fp32. Given
     anything else it runs the torch reference when ``fallback_to_torch`` (``--moe-kernels auto``) and
@@ -31,6 +32,8 @@ class TritonKernels:
     """
 
     dispatch_plan = staticmethod(routing.dispatch_plan)
+    # Sorting a rank's assignments by destination is a few torch ops on the GPU; no kernel of its own.
+    expert_parallel_plan = staticmethod(reference.expert_parallel_plan)
     permute = staticmethod(movement.permute)
     combine = staticmethod(movement.combine)
 
