@@ -144,9 +144,12 @@ def _train(args, world, layout, device) -> dict:
 
     batches = train_batches(data.train, args.micro_batch_size, state.consumed_samples,
                             parallel_state.get_data_parallel_rank(), data_parallel)
-    record, interval_losses, interval_start, started = {}, [], time.perf_counter(), time.perf_counter()
+    record, interval_losses, started = {}, [], time.perf_counter()
+    # Seconds inside training steps (evaluation, logging and saving left out), this run and this interval.
+    train_seconds = interval_seconds = 0.0
     first_iteration = state.iteration
     while state.iteration < args.train_iters:
+        step_start = time.perf_counter()
         lr = learning_rate(state.iteration, args)
         set_learning_rate(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
@@ -157,32 +160,35 @@ def _train(args, world, layout, device) -> dict:
         clear_aux_losses_tracker()
         state = TrainingState(state.iteration + 1, state.consumed_samples + args.global_batch_size)
         interval_losses.append(_reduce_loss(loss, device))
+        step_seconds = time.perf_counter() - step_start
+        train_seconds, interval_seconds = train_seconds + step_seconds, interval_seconds + step_seconds
 
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-            now = time.perf_counter()
             steps = len(interval_losses)
-            seconds_per_step = (now - started) / (state.iteration - first_iteration)
+            seconds_per_step = train_seconds / (state.iteration - first_iteration)
             record = {
                 "iteration": state.iteration,
                 "tokens": state.consumed_samples * args.seq_length,
                 "loss": sum(interval_losses) / steps,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_second": steps * tokens_per_step / (now - interval_start),
-                "elapsed_s": now - started,
+                "tokens_per_second": steps * tokens_per_step / interval_seconds,
+                "train_seconds": train_seconds,
+                "elapsed_s": time.perf_counter() - started,
                 "eta_s": seconds_per_step * (args.train_iters - state.iteration),
                 "moe": moe_statistics.collect(),
             }
             log.write(record, f"iter {state.iteration:6d}/{args.train_iters} | loss {record['loss']:.4f} | "
                               f"lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                               f"{record['tokens_per_second']:,.0f} tokens/s | ETA {record['eta_s']:.0f}s")
-            interval_losses, interval_start = [], time.perf_counter()
+            interval_losses, interval_seconds = [], 0.0
         if data.valid is not None and args.eval_iters and (
             state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
         ):
             valid_loss = evaluate(model, args, data, stage, autocast_dtype, data_parallel)
             log.write({"iteration": state.iteration, "tokens": state.consumed_samples * args.seq_length,
-                       "valid_loss": valid_loss}, f"iter {state.iteration:6d} | validation loss {valid_loss:.4f}")
+                       "valid_loss": valid_loss, "train_seconds": train_seconds},
+                      f"iter {state.iteration:6d} | validation loss {valid_loss:.4f}")
         if state.iteration % args.save_interval == 0 or state.iteration == args.train_iters:
             save_checkpoint(save, state, model, optimizer, layout_key)
 
