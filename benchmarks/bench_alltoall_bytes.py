@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
 from granular_moe.ops.reference import expert_parallel_plan
+from provenance import provenance
 
 BYTES_INT64, BYTES_GATE = 8, 4
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def route(tokens: int, d_model: int, num_experts: int, topk: int, generator: torch.Generator):
@@ -92,8 +83,7 @@ def main(argv=None) -> int:
               f"{r['bytes_per_token_deduplicated'] / 1024:.2f} | {r['bytes_per_token_undeduplicated'] / 1024:.2f} | "
               f"{r['saving']:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
-    info = {"machine": platform.node(), "torch": torch.__version__, "commit": commit(), **vars(args)}
-    info["out"] = str(args.out)
+    info = provenance() | {name: str(value) for name, value in vars(args).items()}
     (args.out / "alltoall_bytes.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     return 0
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from granular_moe.ops import kernels_for  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -77,33 +76,6 @@ def peak_memory_mib(fn):
     fn()
     torch.cuda.synchronize()
     return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-
-
-def machine_info() -> dict:
-    """Device, versions and the commit of this checkout (with ``+dirty`` for uncommitted changes)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    info = {
-        "device": torch.cuda.get_device_name() if ON_CUDA else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__,
-        "commit": commit,
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 def significant(value: float, digits: int = 4) -> float:
@@ -226,7 +198,7 @@ def main(argv=None):
             setattr(args, key, value)
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
     flops = 3 * 2 * args.tokens * args.topk * args.d_model * args.d_ff * (3 if args.gated else 2)
-    info = machine_info() | {
+    info = provenance() | {
         "dtype": str(dtype).removeprefix("torch."),
         "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
         "topk": args.topk, "gated": args.gated, "flops_per_step": flops,

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from bench_expert_block import (
-    DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, machine_info, measure_ms, routing, significant, write_json,
+    DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, measure_ms, routing, significant, write_json,
 )
 from granular_moe.ops import kernels_for
+from provenance import provenance
 
 BACKENDS = ("torch", "index_add", "triton")
 
@@ -82,7 +83,7 @@ def main(argv=None):
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
-    info = machine_info() | {
+    info = provenance() | {
         "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "d_model": args.d_model,
         "experts": args.experts, "topk": args.topk,
     }

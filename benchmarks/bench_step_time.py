@@ -18,16 +18,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from provenance import provenance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {
@@ -198,23 +198,6 @@ def parameter_counts(args: argparse.Namespace, granularity: int) -> dict:
     return {"total": counts.total, "active": counts.active, "law": counts.law, "router": counts.router}
 
 
-def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device": "cpu"}
-    if device == "cuda":
-        info["device"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = resolve_args(build_parser().parse_args(argv))
     import megatron.core
@@ -249,10 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         "format": STEP_TIME_FORMAT,
         "target": args.target,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(args.device),
+        "machine": provenance(),
         "torch": torch.__version__,
         "megatron_core": getattr(megatron.core, "__version__", "unknown"),
-        "commit": git_commit(),
         "world_size": 1,
         "dtype": args.dtype,
         "step": "forward+backward" + ("+adamw" if args.optimizer else ""),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,8 +34,13 @@ from granular_moe.config import GranularMoEConfigError  # noqa: E402
 from granular_moe.scaling.params import count_parameters, shape_from_args  # noqa: E402
 from granular_moe.training.arguments import parse_args  # noqa: E402
 from granular_moe.training.metrics import read_records  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 LAUNCHER = ROOT / "launch_scripts" / "pretrain_gpt_moe.sh"
+# Inherited from a surrounding distributed job, these would make every run join its rendezvous; each run of
+# the sweep is a one-node job of its own (torchrun --standalone, on a free port).
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                        "GROUP_RANK", "NODE_RANK", "NNODES")
 
 
 class SweepMismatchError(GranularMoEConfigError):
@@ -102,11 +106,13 @@ def train(argv: list[str], seed: int, run_dir: Path, nproc: int) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     command = ["bash", str(LAUNCHER), *argv, "--seed", str(seed), "--save", str(run_dir),
                "--save-interval", "1000000000"]
-    environment = dict(os.environ, NPROC_PER_NODE=str(nproc))
+    environment = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_VARIABLES}
+    environment["NPROC_PER_NODE"] = str(nproc)
     with open(run_dir / "train.log", "w") as log:
         result = subprocess.run(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if result.returncode != 0:
-        raise RuntimeError(f"training run failed ({' '.join(command)}); see {run_dir / 'train.log'}")
+        tail = "".join((run_dir / "train.log").read_text().splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"training run failed ({' '.join(command)}); the end of {run_dir / 'train.log'}:\n{tail}")
     return read_records(run_dir / "metrics.jsonl")
 
 
@@ -169,11 +175,6 @@ def plot(runs: dict, summary: dict, out: Path) -> None:
         plt.close(figure)
 
 
-def commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return result.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="main-job YAML of the base MoE (G = 1)")
@@ -201,9 +202,8 @@ def main(argv=None) -> int:
             runs[name][seed] = train(variant_argv(base, granularity), seed, args.out / f"{name}_seed{seed}", args.nproc)
     summary = summarize(runs, table)
     args.out.mkdir(parents=True, exist_ok=True)
-    info = {"machine": platform.node(), "processor": platform.processor(), "commit": commit(),
-            "command": " ".join(["python", "benchmarks/granularity_sweep.py", *(argv or sys.argv[1:])]),
-            "nproc": args.nproc, "seeds": seeds}
+    info = provenance() | {"command": " ".join(["python", "benchmarks/granularity_sweep.py", *(argv or sys.argv[1:])]),
+                           "nproc": args.nproc, "seeds": seeds}
     (args.out / "sweep.json").write_text(json.dumps({"info": info, "summary": summary, "runs": runs}, indent=1))
     plot(runs, summary, args.out)
     print("| variant | final validation loss (mean) | seeds | spread | s/step |")

@@ -39,7 +39,14 @@ def commented_number(name, label):
 
 def test_every_config_file_is_known_here():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
-    assert names == {"cpu_default"} | {f"{kind}_{size}" for kind in ("moe", "dense") for size in SIZES}
+    assert names == {"cpu_default", "sweep_cpu", "sweep_gpu"} | {f"{kind}_{size}" for kind in ("moe", "dense")
+                                                                 for size in SIZES}
+
+
+@pytest.mark.parametrize("name", ["cpu_default", "sweep_cpu", "sweep_gpu"])
+def test_job_configs_load_as_moe_jobs(name):
+    args = load(name)
+    assert args.num_experts and 1 <= args.moe_router_topk <= args.num_experts
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -188,6 +188,7 @@ def megatron_lm_parser():
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-ffn-hidden-size", type=int, default=None)
     parser.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parser.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     return parser
 
 
@@ -203,6 +204,14 @@ def test_translation_with_megatron_lm_flag_names(argv, expected):
     parser = granular_moe_args_provider(None)(megatron_lm_parser())
     args = parser.parse_args(argv)
     assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size) == expected
+
+
+def test_translation_runs_experts_without_tensor_parallelism_unless_told_otherwise():
+    parser = granular_moe_args_provider(None)(megatron_lm_parser())
+    moe = ["--hidden-size", "64", "--num-experts", "4"]
+    assert parser.parse_args(moe).expert_tensor_parallel_size == 1  # Megatron-LM would take TP
+    assert parser.parse_args(moe + ["--expert-tensor-parallel-size", "2"]).expert_tensor_parallel_size == 2
+    assert parser.parse_args(["--hidden-size", "64"]).expert_tensor_parallel_size is None  # dense: untouched
 
 
 def test_translation_errors_name_the_flags():

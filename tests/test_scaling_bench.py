@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ TINY = ["--device", "cpu", "--hidden-size", "32", "--num-layers", "1", "--num-at
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(BENCH.parent))  # as when run as a script: benchmarks/ is on the path
     spec = importlib.util.spec_from_file_location("bench_step_time", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

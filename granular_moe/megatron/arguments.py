@@ -56,14 +56,17 @@ def apply_granularity_to_args(args: argparse.Namespace) -> GranularShape | None:
     """Turn base ``--num-experts/--moe-router-topk/--moe-ffn-hidden-size`` into fine-grained values.
 
     Idempotent: ``args.moe_granularity_applied`` records that it ran (Megatron-LM saves the arguments in its
-    checkpoints, so a resumed job must not apply G twice). Returns the fine-grained shape, or None for a
-    dense model.
+    checkpoints, so a resumed job must not apply G twice). An unset ``--expert-tensor-parallel-size``
+    (Megatron-LM would make it ``--tensor-model-parallel-size``) becomes 1, which the granular layer runs.
+    Returns the fine-grained shape, or None for a dense model.
     """
     granularity = args.moe_granularity
     if not args.num_experts:
         if granularity != 1:
             raise GranularMoEConfigError("--moe-granularity needs an MoE model: set --num-experts (>= 1)")
         return None
+    if getattr(args, "expert_tensor_parallel_size", 1) is None:
+        args.expert_tensor_parallel_size = 1
     ffn = args.ffn_hidden_size or megatron_default_ffn_hidden_size(args.hidden_size, getattr(args, "swiglu", False))
     if getattr(args, "moe_granularity_applied", False):
         return GranularShape(
