@@ -83,7 +83,7 @@ def main(argv=None) -> int:
               f"{r['bytes_per_token_deduplicated'] / 1024:.2f} | {r['bytes_per_token_undeduplicated'] / 1024:.2f} | "
               f"{r['saving']:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
-    info = provenance() | {name: str(value) for name, value in vars(args).items()}
+    info = provenance() | vars(args) | {"out": str(args.out)}
     (args.out / "alltoall_bytes.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     return 0
 
