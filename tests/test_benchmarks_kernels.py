@@ -47,3 +47,15 @@ def test_permute_benchmark_writes_bandwidths_against_copy(tmp_path):
         copy = next(c for c in rows if c["G"] == r["G"] and c["op"] == "copy")
         assert abs(r["copy_share"] - r["GBps"] / copy["GBps"]) <= 2e-3 * r["copy_share"]
     assert "| G | op | torch | index_add | triton |" in stdout
+
+
+def test_gpu_checks_script_runs_accuracy_and_both_benchmarks(tmp_path):
+    """benchmarks/gpu_checks.sh, the one call a GPU session makes, in its CPU smoke mode."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TINY="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_checks.sh")], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {path.name for path in tmp_path.iterdir()} == {"kernel_accuracy.json", "bench_expert_block.json",
+                                                           "bench_permute.json"}
+    assert all(row["passed"] for row in json.loads((tmp_path / "kernel_accuracy.json").read_text())["rows"])

@@ -53,7 +53,7 @@ SHELLCHECK = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.
 @pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install -e '.[dev]' brings it)")
 def test_scripts_are_shellcheck_clean():
     scripts = [str(path) for path in sorted(SCRIPTS.iterdir()) if path.suffix in (".sh", ".sbatch")]
-    scripts += [str(REPO_ROOT / "install.sh"), str(REPO_ROOT / ".ci" / "run")]
+    scripts += [str(REPO_ROOT / path) for path in ("install.sh", ".ci/run", "benchmarks/gpu_checks.sh")]
     result = subprocess.run([SHELLCHECK, "-x", *scripts], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout
 
