@@ -19,11 +19,13 @@ def test_shims_change_nothing_on_a_gpu_build():
         import torch
         torch.cuda.is_available = lambda: True   # what a GPU build reports
         from megatron.core import utils
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
         from megatron.core.models.common.language_module.language_module import LanguageModule
         from megatron.core.tensor_parallel import random
         def megatron_state():
             return (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker,
-                    random._CUDA_RNG_STATE_TRACKER, LanguageModule.setup_embeddings_and_output_layer, torch.Tensor.cuda)
+                    random._CUDA_RNG_STATE_TRACKER, LanguageModule.setup_embeddings_and_output_layer, torch.Tensor.cuda,
+                    RotaryEmbedding.get_emb, torch.cuda.current_device)
         before = megatron_state()
         from granular_moe.megatron.cpu_shims import apply_cpu_shims, cpu_shims_applied
         applied = apply_cpu_shims()
@@ -61,3 +63,26 @@ def test_megatron_needs_the_shims_on_this_cpu():
         """
     )
     assert out.split("\n")[:4] == ["buffer fails", "seed fails", "(2, 3)", "fork True"]
+
+
+def test_rotary_embeddings_need_the_shim_and_stay_on_the_cpu():
+    out = run_python(
+        """
+        import torch
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+        rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
+        try:
+            rope.get_emb(4); print("ok")
+        except (AssertionError, RuntimeError):
+            print("fails")
+        from granular_moe.megatron.cpu_shims import apply_cpu_shims
+        assert apply_cpu_shims()
+        current_device = torch.cuda.current_device
+        emb = rope.get_emb(4)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+        expected = torch.outer(torch.arange(4, dtype=torch.float32), inv_freq)
+        print(list(emb.shape), emb.device.type, rope.inv_freq.device.type,
+              torch.allclose(emb[:, 0, 0, :4], expected), torch.cuda.current_device is current_device)
+        """
+    )
+    assert out.splitlines() == ["fails", "[4, 1, 1, 8] cpu cpu True True"]

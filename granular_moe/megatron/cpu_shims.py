@@ -1,7 +1,8 @@
 """What megatron-core 0.16's GPT model needs to run on a CPU (gloo), applied only where no GPU is present.
 
 Two CUDA-only spots stand in the way of every model (build it with ``use_cpu_initialization=True``),
-and a third one of pipeline-parallel models with tied embeddings:
+a third one of pipeline-parallel models with tied embeddings, and a fourth one of models with rotary
+position embeddings:
 
 1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
    (attention's matmul buffer): the shim allocates on the CPU instead.
@@ -10,6 +11,8 @@ and a third one of pipeline-parallel models with tied embeddings:
    seeds, so Megatron's own ``model_parallel_cuda_manual_seed`` works unchanged.
 3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the last stage's copy of the tied embedding
    to CUDA before all-reducing it from the first stage: the shim keeps it where it is.
+4. ``RotaryEmbedding.get_emb`` moves its CPU ``inv_freq`` to ``torch.cuda.current_device()`` at the first
+   forward (``--position-embedding-type rope``): the shim keeps it on the CPU.
 
 On a machine with a GPU :func:`apply_cpu_shims` changes nothing.
 """
@@ -22,12 +25,14 @@ import operator
 
 import torch
 from megatron.core import utils as megatron_utils
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.tensor_parallel import random as megatron_random
 
 _ORIGINAL_GET_TENSOR = megatron_utils.GlobalMemoryBuffer.get_tensor
 _ORIGINAL_TRACKER = megatron_random.CudaRNGStatesTracker
 _ORIGINAL_SETUP_EMBEDDINGS = LanguageModule.setup_embeddings_and_output_layer
+_ORIGINAL_ROTARY_GET_EMB = RotaryEmbedding.get_emb
 
 
 def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
@@ -74,6 +79,16 @@ def _cpu_setup_embeddings_and_output_layer(self):
         torch.Tensor.cuda = cuda
 
 
+def _cpu_rotary_get_emb(self, max_seq_len: int, offset: int = 0):
+    """Megatron's ``get_emb`` with ``torch.cuda.current_device`` naming the CPU for its duration."""
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        return _ORIGINAL_ROTARY_GET_EMB(self, max_seq_len, offset)
+    finally:
+        torch.cuda.current_device = current_device
+
+
 def cpu_shims_applied() -> bool:
     return megatron_utils.GlobalMemoryBuffer.get_tensor is _cpu_get_tensor
 
@@ -84,6 +99,7 @@ def apply_cpu_shims() -> bool:
         return False
     megatron_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
     LanguageModule.setup_embeddings_and_output_layer = _cpu_setup_embeddings_and_output_layer
+    RotaryEmbedding.get_emb = _cpu_rotary_get_emb
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tracker = megatron_random._CUDA_RNG_STATE_TRACKER
     if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):
