@@ -21,11 +21,13 @@ def test_shims_change_nothing_on_a_gpu_build():
         from megatron.core import utils
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
         from megatron.core.models.common.language_module.language_module import LanguageModule
-        from megatron.core.tensor_parallel import random
+        from megatron.core.tensor_parallel import layers, mappings, random
         def megatron_state():
             return (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker,
                     random._CUDA_RNG_STATE_TRACKER, LanguageModule.setup_embeddings_and_output_layer, torch.Tensor.cuda,
-                    RotaryEmbedding.get_emb, torch.cuda.current_device)
+                    RotaryEmbedding.get_emb, torch.cuda.current_device, mappings._gather_along_first_dim,
+                    mappings._gather_along_last_dim, mappings._reduce_scatter_along_first_dim,
+                    layers.LinearWithGradAccumulationAndAsyncCommunication.backward)
         before = megatron_state()
         from granular_moe.megatron.cpu_shims import apply_cpu_shims, cpu_shims_applied
         applied = apply_cpu_shims()

@@ -99,3 +99,33 @@ def test_parallel_step_equals_single_process(reference, flags):
     assert seen == set(reference_grads)  # every parameter of the model was compared somewhere
     routers = [n for n in reference_grads if n.endswith("router.weight")]
     assert len(routers) == 2 and all(reference_grads[n].abs().sum() > 0 for n in routers)
+
+
+def tensor_parallel_worker(rank, world_size, sequence_parallel):
+    from megatron.core import tensor_parallel
+
+    from granular_moe.parallel import initialize_model_parallel
+
+    args = parse_args(MODEL + ["--tensor-model-parallel-size", "2"]
+                      + (["--sequence-parallel"] if sequence_parallel else []))
+    initialize_model_parallel(2, 1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(args, transformer_config_from_args(args), VOCAB)
+    loss, grads = step_gradients(model, args, micro_batches())
+    marked = {name for name, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
+    return {"loss": loss, "grads": grads, "marked": marked}
+
+
+def test_sequence_parallel_step_equals_the_tensor_parallel_step():
+    """TP=2 with --sequence-parallel (megatron-core's torch norms made sequence-parallel, the CPU shims for
+    its sequence-parallel communication) takes the same step as TP=2 without it, from the same seed."""
+    plain_ranks = run_distributed(tensor_parallel_worker, 2, False)
+    sharded_ranks = run_distributed(tensor_parallel_worker, 2, True)
+    for plain, sharded in zip(plain_ranks, sharded_ranks):
+        torch.testing.assert_close(sharded["loss"], plain["loss"], rtol=1e-6, atol=1e-7)
+        assert sharded["grads"].keys() == plain["grads"].keys()
+        for name, grad in sharded["grads"].items():
+            torch.testing.assert_close(grad, plain["grads"][name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        norms = {name for name in sharded["grads"] if "layernorm" in name}
+        assert norms and norms <= sharded["marked"] and not plain["marked"] & norms

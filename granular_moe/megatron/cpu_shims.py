@@ -2,7 +2,7 @@
 
 Two CUDA-only spots stand in the way of every model (build it with ``use_cpu_initialization=True``),
 a third one of pipeline-parallel models with tied embeddings, and a fourth one of models with rotary
-position embeddings:
+position embeddings or sequence parallelism:
 
 1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
    (attention's matmul buffer): the shim allocates on the CPU instead.
@@ -12,7 +12,9 @@ position embeddings:
 3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the last stage's copy of the tied embedding
    to CUDA before all-reducing it from the first stage: the shim keeps it where it is.
 4. ``RotaryEmbedding.get_emb`` moves its CPU ``inv_freq`` to ``torch.cuda.current_device()`` at the first
-   forward (``--position-embedding-type rope``): the shim keeps it on the CPU.
+   forward (``--position-embedding-type rope``), and the sequence-parallel gathers and reduce-scatters of
+   ``tensor_parallel.mappings`` and of the parallel linear layers' backward allocate their outputs there:
+   for these calls the shim makes ``torch.cuda.current_device()`` name the CPU.
 
 On a machine with a GPU :func:`apply_cpu_shims` changes nothing.
 """
@@ -21,18 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import operator
 
 import torch
 from megatron.core import utils as megatron_utils
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.tensor_parallel import layers as megatron_layers
+from megatron.core.tensor_parallel import mappings as megatron_mappings
 from megatron.core.tensor_parallel import random as megatron_random
 
 _ORIGINAL_GET_TENSOR = megatron_utils.GlobalMemoryBuffer.get_tensor
 _ORIGINAL_TRACKER = megatron_random.CudaRNGStatesTracker
 _ORIGINAL_SETUP_EMBEDDINGS = LanguageModule.setup_embeddings_and_output_layer
-_ORIGINAL_ROTARY_GET_EMB = RotaryEmbedding.get_emb
 
 
 def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
@@ -79,14 +83,30 @@ def _cpu_setup_embeddings_and_output_layer(self):
         torch.Tensor.cuda = cuda
 
 
-def _cpu_rotary_get_emb(self, max_seq_len: int, offset: int = 0):
-    """Megatron's ``get_emb`` with ``torch.cuda.current_device`` naming the CPU for its duration."""
-    current_device = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        return _ORIGINAL_ROTARY_GET_EMB(self, max_seq_len, offset)
-    finally:
-        torch.cuda.current_device = current_device
+def _with_cpu_current_device(function):
+    """``function`` with ``torch.cuda.current_device()`` naming the CPU for the duration of each call."""
+
+    @functools.wraps(function)
+    def on_cpu(*args, **kwargs):
+        current_device = torch.cuda.current_device
+        torch.cuda.current_device = lambda: "cpu"
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.cuda.current_device = current_device
+
+    on_cpu.cpu_shim_of = function
+    return on_cpu
+
+
+# (owner, attribute) of the megatron-core functions that allocate on torch.cuda.current_device()
+_CURRENT_DEVICE_USERS = (
+    (RotaryEmbedding, "get_emb"),
+    (megatron_mappings, "_gather_along_first_dim"),
+    (megatron_mappings, "_gather_along_last_dim"),
+    (megatron_mappings, "_reduce_scatter_along_first_dim"),
+    (megatron_layers.LinearWithGradAccumulationAndAsyncCommunication, "backward"),
+)
 
 
 def cpu_shims_applied() -> bool:
@@ -99,7 +119,12 @@ def apply_cpu_shims() -> bool:
         return False
     megatron_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
     LanguageModule.setup_embeddings_and_output_layer = _cpu_setup_embeddings_and_output_layer
-    RotaryEmbedding.get_emb = _cpu_rotary_get_emb
+    for owner, name in _CURRENT_DEVICE_USERS:
+        function = getattr(owner, name)
+        if not hasattr(function, "cpu_shim_of"):
+            shimmed = _with_cpu_current_device(function)
+            is_static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+            setattr(owner, name, staticmethod(shimmed) if is_static else shimmed)
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tracker = megatron_random._CUDA_RNG_STATE_TRACKER
     if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):

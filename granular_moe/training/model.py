@@ -4,12 +4,15 @@ the parsed flags, one pipeline stage per rank."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_layer_specs as megatron_specs
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from granular_moe.megatron import get_gpt_decoder_block_spec
@@ -66,10 +69,41 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
+class SequenceParallelTorchNorm:
+    """megatron-core's torch LayerNorm / RMSNorm (``WrappedTorchNorm``) under sequence parallelism, which
+    megatron-core refuses without Apex or Transformer Engine: the same torch norm, its parameters marked
+    ``sequence_parallel`` (as Apex's FusedLayerNorm marks them) so that their gradients, each from one
+    rank's sequence shard, are summed over the tensor-parallel group."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_class = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_class(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
+def with_sequence_parallel_norms(block: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    """``block`` with its torch norms (layer inputs, before the MLP, the final one) made sequence-parallel."""
+
+    def swap(norm):
+        return SequenceParallelTorchNorm if norm is WrappedTorchNorm else norm
+
+    layers = [
+        dataclasses.replace(spec, submodules=dataclasses.replace(
+            spec.submodules,
+            input_layernorm=swap(spec.submodules.input_layernorm),
+            pre_mlp_layernorm=swap(spec.submodules.pre_mlp_layernorm),
+        ))
+        for spec in block.layer_specs
+    ]
+    return dataclasses.replace(block, layer_specs=layers, layer_norm=swap(block.layer_norm))
+
+
 def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> GPTModel:
     """This rank's pipeline stage of the GPT."""
     if config.num_moe_experts:
-        spec = get_gpt_decoder_block_spec(
+        block = get_gpt_decoder_block_spec(
             config,
             use_transformer_engine=False,
             router_type=args.moe_router_type,
@@ -77,10 +111,14 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
             normalization=args.normalization,
         )
     else:
-        spec = megatron_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+        block = megatron_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization=args.normalization
+        )
+    if config.sequence_parallel:
+        block = with_sequence_parallel_norms(block)
     model = GPTModel(
         config,
-        spec,
+        block,
         vocab_size=padded_vocab_size(vocab_size, args.tensor_model_parallel_size),
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
