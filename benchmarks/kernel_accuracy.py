@@ -92,16 +92,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)) if expected.numel() else 0.0
 
 
-def check_case(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
-    """Errors of one case in one dtype against the fp64 reference (inputs rounded to ``dtype`` first)."""
-    generator = torch.Generator().manual_seed(seed)
-    expert_index, token_offsets, gates = routing(case, generator, device)
+def block_inputs(case: Case, generator: torch.Generator) -> list[torch.Tensor]:
+    """``x [T, d]``, ``weight1 [E, d, d_expert (x2 gated)]``, ``weight2 [E, d_expert, d]`` in fp32 on the CPU."""
     width1 = case.d_expert * (2 if case.gated else 1)
     x = torch.randn(case.tokens, case.d_model, generator=generator)
     weight1 = torch.randn(case.experts, case.d_model, width1, generator=generator) * case.d_model**-0.5
     weight2 = torch.randn(case.experts, case.d_expert, case.d_model, generator=generator) * case.d_expert**-0.5
+    return [x, weight1, weight2]
+
+
+def check_case(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
+    """Errors of one case in one dtype against the fp64 reference (inputs rounded to ``dtype`` first)."""
+    generator = torch.Generator().manual_seed(seed)
+    expert_index, token_offsets, gates = routing(case, generator, device)
+    inputs = [t.to(device=device, dtype=dtype) for t in block_inputs(case, generator)]
     grad = torch.randn(case.tokens, case.d_model, generator=generator)
-    inputs = [t.to(device=device, dtype=dtype) for t in (x, weight1, weight2)]
 
     def run(kernels, tensors, gate_weights, out_grad):
         leaves = [t.clone().requires_grad_() for t in (*tensors, gate_weights)]
@@ -129,11 +134,8 @@ def check_nan_isolation(case: Case, dtype: torch.dtype, device) -> dict:
     """A NaN in one token's input: that token's output is NaN, every other token's finite."""
     generator = torch.Generator().manual_seed(1)
     expert_index, token_offsets, gates = routing(case, generator, device)
-    x = torch.randn(case.tokens, case.d_model, generator=generator)
+    x, weight1, weight2 = block_inputs(case, generator)
     x[case.tokens // 2, 0] = float("nan")
-    width1 = case.d_expert * (2 if case.gated else 1)
-    weight1 = torch.randn(case.experts, case.d_model, width1, generator=generator) * case.d_model**-0.5
-    weight2 = torch.randn(case.experts, case.d_expert, case.d_model, generator=generator) * case.d_expert**-0.5
     tensors = [t.to(device=device, dtype=dtype) for t in (x, weight1, weight2)]
     out, _ = expert_block(kernels_for("triton", device), *tensors, gates, expert_index, token_offsets, case)
     nan_rows = out.isnan().any(dim=-1).cpu()

@@ -73,30 +73,32 @@ class CpuRNGStatesTracker(_ORIGINAL_TRACKER):
             torch.set_rng_state(outer_state)
 
 
-def _cpu_setup_embeddings_and_output_layer(self):
-    """Megatron's setup with ``Tensor.cuda`` a no-op for its duration (construction is single-threaded)."""
-    cuda = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
-    try:
-        return _ORIGINAL_SETUP_EMBEDDINGS(self)
-    finally:
-        torch.Tensor.cuda = cuda
-
-
-def _with_cpu_current_device(function):
-    """``function`` with ``torch.cuda.current_device()`` naming the CPU for the duration of each call."""
+def _while_patched(function, owner, name: str, replacement):
+    """``function`` with ``owner.name`` replaced by ``replacement`` for the duration of each call (the
+    patched megatron-core code runs on one thread per process)."""
 
     @functools.wraps(function)
-    def on_cpu(*args, **kwargs):
-        current_device = torch.cuda.current_device
-        torch.cuda.current_device = lambda: "cpu"
+    def patched(*args, **kwargs):
+        original = getattr(owner, name)
+        setattr(owner, name, replacement)
         try:
             return function(*args, **kwargs)
         finally:
-            torch.cuda.current_device = current_device
+            setattr(owner, name, original)
 
-    on_cpu.cpu_shim_of = function
-    return on_cpu
+    patched.cpu_shim_of = function
+    return patched
+
+
+def _with_cpu_current_device(function):
+    """``function`` with ``torch.cuda.current_device()`` naming the CPU during each call."""
+    return _while_patched(function, torch.cuda, "current_device", lambda: "cpu")
+
+
+# Megatron's setup with ``Tensor.cuda`` a no-op during it.
+_cpu_setup_embeddings_and_output_layer = _while_patched(
+    _ORIGINAL_SETUP_EMBEDDINGS, torch.Tensor, "cuda", lambda tensor, *args, **kwargs: tensor
+)
 
 
 # (owner, attribute) of the megatron-core functions that allocate on torch.cuda.current_device()

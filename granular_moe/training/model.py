@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt import gpt_layer_specs as megatron_specs
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -102,18 +101,14 @@ def with_sequence_parallel_norms(block: TransformerBlockSubmodules) -> Transform
 
 def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> GPTModel:
     """This rank's pipeline stage of the GPT."""
-    if config.num_moe_experts:
-        block = get_gpt_decoder_block_spec(
-            config,
-            use_transformer_engine=False,
-            router_type=args.moe_router_type,
-            kernels=args.moe_kernels,
-            normalization=args.normalization,
-        )
-    else:
-        block = megatron_specs.get_gpt_decoder_block_spec(
-            config, use_transformer_engine=False, normalization=args.normalization
-        )
+    # Megatron's decoder block; the granular layer in its MoE positions (none in a dense model)
+    block = get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=False,
+        router_type=args.moe_router_type,
+        kernels=args.moe_kernels,
+        normalization=args.normalization,
+    )
     if config.sequence_parallel:
         block = with_sequence_parallel_norms(block)
     model = GPTModel(
