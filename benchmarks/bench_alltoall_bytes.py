@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     ]
     print(f"all-to-all dispatch, bytes per token sent to other ranks (d_model {args.d_model}, "
           f"{args.element_bytes}-byte activations, E={args.num_experts} top-{args.topk} before G)")
-    print("| G | EP | experts | top-k | rows/token (all ranks) | KiB/token de-duplicated | KiB/token without | saving |")
+    print(
+        "| G | EP | experts | top-k | rows/token (all ranks) | KiB/token de-duplicated | KiB/token without | saving |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['EP']} | {r['experts']} | {r['topk']} | {r['rows_per_token']:.2f} | "

@@ -82,7 +82,8 @@ def parameter_table(base: list[str], granularities: list[int]) -> dict[str, dict
     for key in ("expert_parameters", "active_without_router"):
         values = {row[key] for row in moe.values()}
         if len(values) > 1:
-            raise SweepMismatchError(f"the sweep's MoE variants differ in {key}: {({n: r[key] for n, r in moe.items()})}")
+            per_variant = {name: row[key] for name, row in moe.items()}
+            raise SweepMismatchError(f"the sweep's MoE variants differ in {key}: {per_variant}")
     reference = next(iter(moe.values()))["active_without_router"]
     if table["dense"]["active_without_router"] != reference:
         raise SweepMismatchError(
@@ -96,9 +97,12 @@ def print_parameters(table: dict) -> None:
     print("| variant | experts | top-k | expert hidden | total | active | active w/o router | all experts | router |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, row in table.items():
-        print(f"| {name} | {row['experts']} | {row['topk']} | {row['expert_hidden']} | {row['total']:,} | "
-              f"{row['active']:,} | {row['active_without_router']:,} | {row['expert_parameters']:,} | {row['router']:,} |",
-              flush=True)
+        print(
+            f"| {name} | {row['experts']} | {row['topk']} | {row['expert_hidden']} | {row['total']:,} | "
+            f"{row['active']:,} | {row['active_without_router']:,} | {row['expert_parameters']:,} | "
+            f"{row['router']:,} |",
+            flush=True,
+        )
 
 
 def train(argv: list[str], seed: int, run_dir: Path, nproc: int) -> list[dict]:
@@ -143,8 +147,12 @@ def plot(runs: dict, summary: dict, out: Path) -> None:
     granularities = [int(name[1:]) for name in moe]
     figure, axes = plt.subplots(figsize=(6, 4))
     for g, name in zip(granularities, moe):
-        axes.plot([g] * len(summary[name]["final_valid_loss"]), summary[name]["final_valid_loss"], "o", color="C0", alpha=0.5)
-    axes.plot(granularities, [summary[n]["final_valid_loss_mean"] for n in moe], "-", color="C0", label="granular MoE (mean)")
+        axes.plot(
+            [g] * len(summary[name]["final_valid_loss"]), summary[name]["final_valid_loss"], "o", color="C0", alpha=0.5
+        )
+    axes.plot(
+        granularities, [summary[n]["final_valid_loss_mean"] for n in moe], "-", color="C0", label="granular MoE (mean)"
+    )
     if "dense" in summary:
         dense = summary["dense"]["final_valid_loss"]
         axes.axhspan(min(dense), max(dense), color="C1", alpha=0.3, label="dense (seed range)")

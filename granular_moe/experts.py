@@ -58,7 +58,7 @@ class GroupedExperts(torch.nn.Module):
                 config.output_layer_init_method(self.weight2)
         for weight in (self.weight1, self.weight2):
             # Expert weights: gradients are reduced over the expert-data-parallel group only.
-            setattr(weight, "allreduce", False)
+            weight.allreduce = False
         self.register_buffer(
             "global_expert_ids", torch.arange(first_expert, first_expert + num_local_experts, device=device)
         )

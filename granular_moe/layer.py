@@ -106,7 +106,9 @@ class GranularMoELayer(MegatronModule):
             )
         start, stop = rank * x.shape[0] // size, (rank + 1) * x.shape[0] // size
         share = self.dispatcher(
-            split_tokens(x, start, stop, self.tp_group), slice_routing(routing, start, stop, self.tp_group), self.experts
+            split_tokens(x, start, stop, self.tp_group),
+            slice_routing(routing, start, stop, self.tp_group),
+            self.experts,
         )
         return gather_tokens(share, self.tp_group)
 

@@ -116,7 +116,7 @@ class _Router(torch.nn.Module):
         if config.perform_initialization:
             config.init_method(self.weight)
         # Sequence-parallel peers see different tokens: Megatron all-reduces such grads over TP.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number

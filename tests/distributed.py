@@ -37,7 +37,9 @@ def run_distributed(fn, world_size, *args, timeout=600):
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_worker, args=(fn, r, world_size, port, args, results)) for r in range(world_size)]
+    processes = [
+        context.Process(target=_worker, args=(fn, r, world_size, port, args, results)) for r in range(world_size)
+    ]
     for process in processes:
         process.start()
     collected, failures = {}, []

@@ -11,6 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_alltoall_byt
 def test_bytes_benchmark_counts_rows_and_bytes(tmp_path, monkeypatch, capsys):
     argv = ["--tokens", "64", "--d-model", "16", "--granularities", "1,8", "--ep-sizes", "2,4", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", [str(BENCH), *argv])
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # as when run as a script: benchmarks/ is on the path
     try:
         runpy.run_path(str(BENCH), run_name="__main__")
     except SystemExit as exit_status:
@@ -25,5 +26,8 @@ def test_bytes_benchmark_counts_rows_and_bytes(tmp_path, monkeypatch, capsys):
         assert abs(r["bytes_per_token_deduplicated"] - expected) < 1e-9
     g8_ep2 = rows[2]
     # 8 experts per token over 2 ranks: one remote row per token carries about 4 remote assignments
-    assert g8_ep2["rows_per_token"] == 2.0 and g8_ep2["remote_rows_per_token"] <= 1.0 < 3 < g8_ep2["remote_assignments_per_token"]
+    assert (
+        g8_ep2["rows_per_token"] == 2.0
+        and g8_ep2["remote_rows_per_token"] <= 1.0 < 3 < g8_ep2["remote_assignments_per_token"]
+    )
     assert "| 8 | 4 |" in capsys.readouterr().out

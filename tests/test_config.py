@@ -1,7 +1,6 @@
 """Granularity arithmetic, and every invalid configuration raising its named error."""
 
 import pytest
-import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from granular_moe import GranularMoELayer
@@ -13,7 +12,11 @@ from helpers import moe_config
 @pytest.mark.parametrize("granularity", [1, 2, 4, 8, 64])
 def test_granularity_keeps_active_parameters(granularity):
     shape = granular_shape(num_experts=8, topk=2, ffn_hidden_size=8192, granularity=granularity)
-    assert (shape.num_experts, shape.topk, shape.expert_hidden_size) == (8 * granularity, 2 * granularity, 8192 // granularity)
+    assert (shape.num_experts, shape.topk, shape.expert_hidden_size) == (
+        8 * granularity,
+        2 * granularity,
+        8192 // granularity,
+    )
     assert shape.topk * shape.expert_hidden_size == 2 * 8192  # active expert width per token
     assert shape.num_experts * shape.expert_hidden_size == 8 * 8192  # total expert width
 
@@ -32,12 +35,22 @@ def test_apply_granularity_to_a_transformer_config():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(granularity=3), r"--moe-granularity 3 does not divide --ffn-hidden-size 64; valid values: 1, 2, 4, 8, 16, 32, 64"),
+        (
+            dict(granularity=3),
+            r"--moe-granularity 3 does not divide --ffn-hidden-size 64; valid values: 1, 2, 4, 8, 16, 32, 64",
+        ),
         (dict(granularity=0), r"--moe-granularity must be an integer >= 1, got 0"),
         (dict(granularity=1.5), r"--moe-granularity must be an integer >= 1, got 1.5"),
         (dict(topk=5), r"--moe-router-topk 5 is above --num-experts 4 .*valid values: 1..4"),
-        (dict(expert_model_parallel_size=3, granularity=2), r"--num-experts 4 x --moe-granularity 2 = 8 experts are not divisible by --expert-model-parallel-size 3; valid values: 1, 2, 4, 8"),
-        (dict(moe_ffn_hidden_size=48, granularity=32), r"--moe-granularity 32 does not divide --moe-ffn-hidden-size 48"),
+        (
+            dict(expert_model_parallel_size=3, granularity=2),
+            r"--num-experts 4 x --moe-granularity 2 = 8 experts are not divisible by "
+            r"--expert-model-parallel-size 3; valid values: 1, 2, 4, 8",
+        ),
+        (
+            dict(moe_ffn_hidden_size=48, granularity=32),
+            r"--moe-granularity 32 does not divide --moe-ffn-hidden-size 48",
+        ),
         (dict(num_experts=0), r"--num-experts must be an integer >= 1"),
     ],
 )
@@ -59,7 +72,10 @@ def test_apply_granularity_needs_an_moe_model():
         (dict(add_bias_linear=True), "--disable-bias-linear is required"),
         (dict(moe_shared_expert_intermediate_size=16), "--moe-shared-expert-intermediate-size is not supported"),
         (dict(moe_router_load_balancing_type="sinkhorn"), "--moe-router-load-balancing-type must be aux_loss or none"),
-        (dict(moe_token_drop_policy="random"), "--moe-token-drop-policy 'random' is not valid; valid values: probs, position"),
+        (
+            dict(moe_token_drop_policy="random"),
+            "--moe-token-drop-policy 'random' is not valid; valid values: probs, position",
+        ),
     ],
 )
 def test_layer_rejects_what_it_cannot_honour(overrides, message):
@@ -71,7 +87,9 @@ def test_layer_rejects_what_it_cannot_honour(overrides, message):
 
 
 def test_bad_router_type_and_kernels_fail_at_spec_time():
-    with pytest.raises(GranularMoEConfigError, match="--moe-router-type 'top2' is not valid; valid values: token_choice, expert_choice"):
+    with pytest.raises(
+        GranularMoEConfigError, match="--moe-router-type 'top2' is not valid; valid values: token_choice, expert_choice"
+    ):
         granular_moe_spec(router_type="top2")
     with pytest.raises(GranularMoEConfigError, match="--moe-kernels 'cuda' is not valid; valid values: auto, torch"):
         granular_moe_spec(kernels="cuda")

@@ -44,8 +44,9 @@ def test_megatron_needs_the_shims_on_this_cpu():
         import torch
         from megatron.core import tensor_parallel
         from megatron.core.utils import GlobalMemoryBuffer
+        seed = lambda: tensor_parallel.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
         for label, call in [("buffer", lambda: GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")),
-                            ("seed", lambda: tensor_parallel.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0))]:
+                            ("seed", seed)]:
             try:
                 call(); print(label, "ok")
             except (AssertionError, RuntimeError):

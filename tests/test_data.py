@@ -336,8 +336,10 @@ def test_preprocess_command(tmp_path, capsys):
 
     assert main(["--input", str(tmp_path / "absent"), "--output-prefix", str(again), "--train-tokenizer"]) == 1
     assert "--input" in capsys.readouterr().err
-    for wrong in (["--input", str(source), "--output-prefix", str(again)],
-                  ["--input", str(source), "--output-prefix", str(again), "--tokenizer-model", "m", "--vocab-size", "9"]):
+    for wrong in (
+        ["--input", str(source), "--output-prefix", str(again)],
+        ["--input", str(source), "--output-prefix", str(again), "--tokenizer-model", "m", "--vocab-size", "9"],
+    ):
         with pytest.raises(SystemExit):
             main(wrong)
 

@@ -2,7 +2,6 @@
 megatron-core's distributed checkpoint reshards them (saved with 2 expert-parallel ranks, loaded on one)."""
 
 import pytest
-import torch
 
 from distributed import run_distributed
 from granular_moe import GranularMoELayer
@@ -41,7 +40,9 @@ def test_distributed_checkpoint_view_places_each_rank_at_its_global_experts(gloo
     """What megatron-core's dist_checkpointing reshards by: with the layer at pipeline offset (3 of 8
     layers), the experts of EP rank r sit at offset (3, 8r, 0, 0) of a [8, 16, ...] global tensor."""
     shards = run_distributed(expert_shards, 2)
-    single = GranularMoELayer(moe_config(4), layer_number=1).sharded_state_dict(prefix="mlp.", sharded_offsets=((0, 3, 8),))
+    single = GranularMoELayer(moe_config(4), layer_number=1).sharded_state_dict(
+        prefix="mlp.", sharded_offsets=((0, 3, 8),)
+    )
     for name, width in (("weight1", 64 // 4), ("weight2", 16)):
         key = f"mlp.experts.{name}"
         global_shape = single[key].global_shape

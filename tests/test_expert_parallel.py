@@ -1,7 +1,6 @@
 """Expert parallelism on gloo processes equals the single-process layer in fp64, and the all-to-all
 sends one row per (token, rank)."""
 
-import math
 
 import pytest
 import torch

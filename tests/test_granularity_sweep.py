@@ -50,7 +50,9 @@ def test_two_step_sweep_on_the_cpu(tmp_path):
             "--seq-length", "32", "--train-iters", "2", "--eval-interval", "1", "--eval-iters", "1",
             "--log-interval", "1", "--corpus-max-bytes", "300000"]
     out = tmp_path / "sweep"
-    assert sweep.main(CONFIG + ["--granularities", "1,2", "--seeds", "1", "--nproc", "1", "--out", str(out)] + tiny) == 0
+    assert (
+        sweep.main(CONFIG + ["--granularities", "1,2", "--seeds", "1", "--nproc", "1", "--out", str(out)] + tiny) == 0
+    )
     result = json.loads((out / "sweep.json").read_text())
     assert set(result["summary"]) == {"G1", "G2", "dense"}
     for name, row in result["summary"].items():

@@ -106,14 +106,19 @@ def test_dense_and_moe_layouts_that_megatron_core_accepts():
     assert check_layout(args, 8).expert_data == 1
     # The granular layer shares tokens out over TP ranks without sequence parallelism too.
     no_sp = layout_args("--num-experts", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2")
-    assert check_layout(no_sp, 4).describe() == "4 ranks = TP 2 x PP 1 x DP 2; 4 experts over EP 2 (2 per rank), expert DP 2"
+    assert (
+        check_layout(no_sp, 4).describe()
+        == "4 ranks = TP 2 x PP 1 x DP 2; 4 experts over EP 2 (2 per rank), expert DP 2"
+    )
 
 
 # --------------------------------------------------------------------------- flags and environment
 
 
 def test_trainer_argv_takes_tp_pp_ep_from_the_environment():
-    argv = launch.trainer_argv(["--num-layers", "4", "--pipeline-model-parallel-size=2"], {"TP": "2", "PP": "2", "EP": "4"})
+    argv = launch.trainer_argv(
+        ["--num-layers", "4", "--pipeline-model-parallel-size=2"], {"TP": "2", "PP": "2", "EP": "4"}
+    )
     assert argv == ["--num-layers", "4", "--pipeline-model-parallel-size=2", "--tensor-model-parallel-size", "2",
                     "--expert-model-parallel-size", "4"]
 
@@ -272,8 +277,13 @@ def test_torchrun_route_on_two_nodes(capsys):
     for node, block in blocks.items():
         command = block["run"]
         assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-        assert (flag(command, "--nnodes"), flag(command, "--node-rank"), flag(command, "--master-addr"),
-                flag(command, "--master-port"), flag(command, "--nproc-per-node")) == ("2", str(node), "10.0.0.1", "29500", "4")
+        assert (
+            flag(command, "--nnodes"),
+            flag(command, "--node-rank"),
+            flag(command, "--master-addr"),
+            flag(command, "--master-port"),
+            flag(command, "--nproc-per-node"),
+        ) == ("2", str(node), "10.0.0.1", "29500", "4")
         trainer = command[command.index(str(SCRIPT)) + 1:]
         assert trainer == ["--num-experts", "4", "--sequence-parallel", "--num-layers", "4",
                            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
@@ -321,8 +331,13 @@ def test_slurm_torchrun_mode_on_16_nodes(capsys):
     for block in blocks.values():
         command = block["run"]
         assert command == step[10:]
-        assert (flag(command, "--nnodes"), flag(command, "--nproc-per-node"), flag(command, "--rdzv-backend"),
-                flag(command, "--rdzv-endpoint"), flag(command, "--rdzv-id")) == ("16", "8", "c10d", f"gpu001:{port}", "4242")
+        assert (
+            flag(command, "--nnodes"),
+            flag(command, "--nproc-per-node"),
+            flag(command, "--rdzv-backend"),
+            flag(command, "--rdzv-endpoint"),
+            flag(command, "--rdzv-id"),
+        ) == ("16", "8", "c10d", f"gpu001:{port}", "4242")
         assert command[command.index("--config") - 1] == str(SCRIPT)
         assert (flag(command, "--tensor-model-parallel-size"), flag(command, "--pipeline-model-parallel-size"),
                 flag(command, "--expert-model-parallel-size")) == ("2", "4", "8")
@@ -355,11 +370,18 @@ def test_slurm_dry_run_without_an_allocation_uses_placeholder_hosts(capsys):
     assert node_blocks(out)[0]["host"] == "node0"
 
 
-@pytest.mark.parametrize("argv, env, expected", [
-    ([], {}, "not inside a SLURM allocation (no SLURM_JOB_NODELIST)"),
-    (["--dry-run"], {"LAUNCH_MODE": "mpi"}, "LAUNCH_MODE / --launch-mode 'mpi' is not valid; valid values: torchrun, srun-per-gpu"),
-    (["--dry-run", "--nnodes", "3"], {"SLURM_JOB_NODELIST": "a,b"}, "NNODES 3 disagrees with the 2 hosts of 'a,b'"),
-])
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        ([], {}, "not inside a SLURM allocation (no SLURM_JOB_NODELIST)"),
+        (
+            ["--dry-run"],
+            {"LAUNCH_MODE": "mpi"},
+            "LAUNCH_MODE / --launch-mode 'mpi' is not valid; valid values: torchrun, srun-per-gpu",
+        ),
+        (["--dry-run", "--nnodes", "3"], {"SLURM_JOB_NODELIST": "a,b"}, "NNODES 3 disagrees with the 2 hosts of 'a,b'"),
+    ],
+)
 def test_slurm_route_errors(argv, env, expected, capsys):
     code, out, err = dry_run("slurm", "--nproc-per-node", "1", *argv, env=env, capsys=capsys)
     assert code == 2 and out == "" and expected in err

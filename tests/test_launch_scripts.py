@@ -87,7 +87,10 @@ def test_torchrun_no_python_does_not_launch_torchrun_again(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = records(tmp_path)
     # One torchrun: its two ranks, not two torchruns of two ranks each (which would also log a plan).
-    assert [(r["rank"], r["world_size"], r["executable"]) for r in ranks] == [(0, 2, sys.executable), (1, 2, sys.executable)]
+    assert [(r["rank"], r["world_size"], r["executable"]) for r in ranks] == [
+        (0, 2, sys.executable),
+        (1, 2, sys.executable),
+    ]
     assert "plan:" not in result.stderr
 
 
@@ -124,5 +127,8 @@ def test_distributed_env_under_mpiexec_broadcasts_rank_0s_address(tmp_path):
     result = run([str(MPIEXEC), "-n", "2", sys.executable, "-c", code], clean_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     found = records(tmp_path)
-    assert [(r["rank"], r["world_size"], r["local_rank"], r["launcher"]) for r in found] == [(0, 2, 0, "mpich"), (1, 2, 1, "mpich")]
+    assert [(r["rank"], r["world_size"], r["local_rank"], r["launcher"]) for r in found] == [
+        (0, 2, 0, "mpich"),
+        (1, 2, 1, "mpich"),
+    ]
     assert found[0]["master_addr"] == found[1]["master_addr"] and found[0]["master_port"] == found[1]["master_port"]

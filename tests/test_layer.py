@@ -22,7 +22,9 @@ def run_layer_and_reference(config, router_type, seed=0):
     assert bias is None and out.shape == x.shape
     (out * projection).sum().backward()
 
-    weights = [p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.experts.weight1, layer.experts.weight2)]
+    weights = [
+        p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.experts.weight1, layer.experts.weight2)
+    ]
     x_ref = x.detach().clone().requires_grad_()
     if router_type == "token_choice":
         gates_fn = functools.partial(

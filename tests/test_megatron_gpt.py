@@ -27,7 +27,9 @@ def gpt_config(**overrides):
 def lm_loss(model, tokens):
     position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
     causal = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)
-    return model(tokens[:, :-1], position_ids[:, : SEQ - 1], causal[..., : SEQ - 1, : SEQ - 1], labels=tokens[:, 1:]).mean()
+    return model(
+        tokens[:, :-1], position_ids[:, : SEQ - 1], causal[..., : SEQ - 1, : SEQ - 1], labels=tokens[:, 1:]
+    ).mean()
 
 
 def test_gpt_trains_with_granular_moe_in_every_layer(gloo_world):

@@ -192,14 +192,38 @@ def megatron_lm_parser():
     return parser
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--hidden-size", "1024", "--ffn-hidden-size", "4096", "--num-experts", "8", "--moe-granularity", "4"], (32, 8, 1024)),
-    (["--hidden-size", "1024", "--num-experts", "8", "--moe-router-topk", "1", "--moe-granularity", "8"], (64, 8, 512)),
-    # SwiGLU without --ffn-hidden-size: Megatron-LM's default, int(4 h 2/3 / 64) x 64 = 2688, split in 4.
-    (["--hidden-size", "1024", "--swiglu", "--num-experts", "8", "--moe-granularity", "4"], (32, 8, 672)),
-    (["--hidden-size", "64", "--ffn-hidden-size", "256", "--moe-ffn-hidden-size", "128", "--num-experts", "4",
-      "--moe-granularity", "2", "--expert-model-parallel-size", "8"], (8, 4, 64)),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--hidden-size", "1024", "--ffn-hidden-size", "4096", "--num-experts", "8", "--moe-granularity", "4"],
+            (32, 8, 1024),
+        ),
+        (
+            ["--hidden-size", "1024", "--num-experts", "8", "--moe-router-topk", "1", "--moe-granularity", "8"],
+            (64, 8, 512),
+        ),
+        # SwiGLU without --ffn-hidden-size: Megatron-LM's default, int(4 h 2/3 / 64) x 64 = 2688, split in 4.
+        (["--hidden-size", "1024", "--swiglu", "--num-experts", "8", "--moe-granularity", "4"], (32, 8, 672)),
+        (
+            [
+                "--hidden-size",
+                "64",
+                "--ffn-hidden-size",
+                "256",
+                "--moe-ffn-hidden-size",
+                "128",
+                "--num-experts",
+                "4",
+                "--moe-granularity",
+                "2",
+                "--expert-model-parallel-size",
+                "8",
+            ],
+            (8, 4, 64),
+        ),
+    ],
+)
 def test_translation_with_megatron_lm_flag_names(argv, expected):
     parser = granular_moe_args_provider(None)(megatron_lm_parser())
     args = parser.parse_args(argv)
@@ -228,7 +252,9 @@ def test_the_provider_composes_and_adds_the_flags_once():
 
     # A patched pretrain_gpt.py run through the wrapper: the wrapper's provider wraps the patch's.
     parser = granular_moe_args_provider(granular_moe_args_provider(modelopt))(megatron_lm_parser())
-    args = parser.parse_args(["--hidden-size", "64", "--num-experts", "2", "--moe-granularity", "2", "--export-format", "x"])
+    args = parser.parse_args(
+        ["--hidden-size", "64", "--num-experts", "2", "--moe-granularity", "2", "--export-format", "x"]
+    )
     assert (args.num_experts, args.export_format) == (4, "x")
 
 
@@ -250,7 +276,7 @@ def patch_files():
     """{path: [hunk, ...]} with each hunk's header, old-side lines and new-side lines."""
     files, hunk = {}, None
     lines = PATCH.read_text().splitlines()
-    for position, line in enumerate(lines):
+    for line in lines:
         if line.startswith("+++ b/"):
             current = files.setdefault(line[len("+++ b/"):], [])
         elif line.startswith("@@"):
@@ -351,7 +377,9 @@ CHECKOUT_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.skipif(MEGATRON_LM_DIR is None, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout")
 def test_patch_applies_to_the_checkout():
-    forward = subprocess.run(["git", "-C", MEGATRON_LM_DIR, "apply", "--check", str(PATCH)], capture_output=True, text=True)
+    forward = subprocess.run(
+        ["git", "-C", MEGATRON_LM_DIR, "apply", "--check", str(PATCH)], capture_output=True, text=True
+    )
     applied = subprocess.run(["git", "-C", MEGATRON_LM_DIR, "apply", "--check", "--reverse", str(PATCH)],
                              capture_output=True, text=True)
     assert forward.returncode == 0 or applied.returncode == 0, forward.stderr
@@ -363,7 +391,9 @@ def test_megatron_lm_builds_a_granular_gpt(mode, tmp_path):
     checkout = Path(MEGATRON_LM_DIR)
     first = checkout
     if mode == "patched":
-        already = subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)]).returncode == 0
+        already = (
+            subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)]).returncode == 0
+        )
         if not already:
             for name in ("pretrain_gpt.py", "gpt_builders.py"):
                 (tmp_path / name).write_text((checkout / name).read_text())

@@ -76,12 +76,21 @@ def test_disagreeing_groups_stop_the_start_naming_both_layouts():
     assert "megatron-core [((0, 1), (0, 2))," in messages[0]
 
 
-@pytest.mark.parametrize("sizes, message", [
-    ((8, 3, 1, 1), "world size 8 is not divisible by --tensor-model-parallel-size 3 x --pipeline-model-parallel-size 1"),
-    ((8, 1, 2, 3), "--expert-model-parallel-size 3 does not divide the 4 ranks of a pipeline stage (world 8 / "
-                   "--pipeline-model-parallel-size 2); valid values: 1, 2, 4"),
-    ((8, 0, 1, 1), "--tensor-model-parallel-size must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (
+            (8, 3, 1, 1),
+            "world size 8 is not divisible by --tensor-model-parallel-size 3 x --pipeline-model-parallel-size 1",
+        ),
+        (
+            (8, 1, 2, 3),
+            "--expert-model-parallel-size 3 does not divide the 4 ranks of a pipeline stage (world 8 / "
+            "--pipeline-model-parallel-size 2); valid values: 1, 2, 4",
+        ),
+        ((8, 0, 1, 1), "--tensor-model-parallel-size must be >= 1, got 0"),
+    ],
+)
 def test_impossible_sizes_are_named(sizes, message):
     with pytest.raises(ParallelLayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_parallel_layout(*sizes)

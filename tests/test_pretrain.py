@@ -1,7 +1,6 @@
 """The main job on gloo processes: it trains and logs, its checkpoints survive a kill, and a killed run
 resumed from its last checkpoint follows the loss curve of the run that was never killed."""
 
-import json
 import os
 import subprocess
 import sys
@@ -44,7 +43,11 @@ def test_main_job_trains_logs_and_saves_on_two_processes(tmp_path):
     assert layer["dropped"] == 0 and layer["load_imbalance"] >= 1.0 and layer["load_balancing_loss"] > 0.9
     assert layer["z_loss"] > 0
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "24"
-    assert sorted(p.name for p in (save / "iter_0000024").iterdir()) == ["metadata.json", "rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (save / "iter_0000024").iterdir()) == [
+        "metadata.json",
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]
     shards = [torch.load(save / "iter_0000024" / f"rank_0000{r}.pt", weights_only=False) for r in range(2)]
     ids = [s["model"]["decoder.layers.0.mlp.experts.global_expert_ids"].tolist() for s in shards]
     assert ids == [list(range(8)), list(range(8, 16))]

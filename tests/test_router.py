@@ -50,7 +50,9 @@ def test_aux_and_z_gradients_reach_the_router(loss_scale):
     out, _ = layer(x)
     (loss_scale * (out * projection)).sum().backward()
 
-    weights = [p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.experts.weight1, layer.experts.weight2)]
+    weights = [
+        p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.experts.weight1, layer.experts.weight2)
+    ]
     gates_fn = functools.partial(ref.token_choice_gates, topk=config.moe_router_topk)
     out_ref, logits, _ = ref.moe_forward(x.view(-1, config.hidden_size), *weights, gates_fn)
     main = (out_ref.view_as(x) * projection).sum()
@@ -68,7 +70,9 @@ def test_eval_attaches_no_loss_but_still_reports_it():
     x.requires_grad_()
     out, _ = layer(x)
     out.sum().backward()
-    weights = [p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.experts.weight1, layer.experts.weight2)]
+    weights = [
+        p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.experts.weight1, layer.experts.weight2)
+    ]
     gates_fn = functools.partial(ref.token_choice_gates, topk=config.moe_router_topk)
     out_ref, logits, _ = ref.moe_forward(x.detach().view(-1, config.hidden_size), *weights, gates_fn)
     out_ref.sum().backward()

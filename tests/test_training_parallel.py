@@ -94,7 +94,7 @@ def test_parallel_step_equals_single_process(reference, flags):
             module = name.rsplit(".", 1)[0]
             if module in result["expert_ids"]:
                 expected = expected[result["expert_ids"][module]]
-            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
             seen.add(global_name(name, result["offset"]))
     assert seen == set(reference_grads)  # every parameter of the model was compared somewhere
     routers = [n for n in reference_grads if n.endswith("router.weight")]
@@ -126,6 +126,8 @@ def test_sequence_parallel_step_equals_the_tensor_parallel_step():
         torch.testing.assert_close(sharded["loss"], plain["loss"], rtol=1e-6, atol=1e-7)
         assert sharded["grads"].keys() == plain["grads"].keys()
         for name, grad in sharded["grads"].items():
-            torch.testing.assert_close(grad, plain["grads"][name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                grad, plain["grads"][name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+            )
         norms = {name for name in sharded["grads"] if "layernorm" in name}
         assert norms and norms <= sharded["marked"] and not plain["marked"] & norms

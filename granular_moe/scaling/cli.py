@@ -111,7 +111,9 @@ def _compute_optimal(args, law) -> MegatronPlan:
         if args.max_params is not None or args.max_tokens is not None:
             raise ScalingInputError("--active-params fixes the model: --max-params / --max-tokens do not apply")
         best = budget_for_active_params(args.active_params, law, args.granularities)
-        print(f"Budget for which {args.active_params:.3g} active parameters are compute-optimal: {best.flops:.3g} FLOPs")
+        print(
+            f"Budget for which {args.active_params:.3g} active parameters are compute-optimal: {best.flops:.3g} FLOPs"
+        )
     print(f"law: {law.source}")
     realized = realize(best, args.seq_length, args.global_batch_size, args.micro_batch_size, **constraints)
     job = realized.megatron
@@ -167,14 +169,17 @@ def _wallclock(args) -> MegatronPlan:
         for option in sorted(rows, key=lambda option: option.granularity):
             delta = f"{option.loss - reference.loss:+.4f}" if reference else "-"
             mark = "  <- best" if option is best else ""
-            print(f"  {option.granularity:>4}{option.step_time_s:>12.4g}{table.tokens_per_second(option.granularity):>12.4g}"
-                  f"{option.tokens:>12.4g}{option.loss:>9.4f}{delta:>9}{mark}")
+            print(
+                f"  {option.granularity:>4}{option.step_time_s:>12.4g}"
+                f"{table.tokens_per_second(option.granularity):>12.4g}{option.tokens:>12.4g}{option.loss:>9.4f}{delta:>9}{mark}"
+            )
     for note in outside_fitted_range(best.table.law_params, best.tokens):
         print(f"note: {note}")
     job = best.megatron_plan()
     if job.train_iters < 1:
         raise ImpossibleConstraintsError(
-            f"--gpu-hours {args.gpu_hours:g} does not buy one iteration of {best.table.path}'s model at G={best.granularity}"
+            f"--gpu-hours {args.gpu_hours:g} does not buy one iteration of {best.table.path}'s model "
+            f"at G={best.granularity}"
         )
     print(f"\nBest: G = {best.granularity} ({best.table.path}), predicted loss {best.loss:.4f}")
     print("Megatron-LM arguments:")

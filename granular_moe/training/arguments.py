@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     moe = parser.add_argument_group("MoE (Megatron-LM names)")
     moe.add_argument("--num-experts", type=int, default=None, help="base experts E; unset or 0: a dense model")
     moe.add_argument("--moe-router-topk", type=int, default=2, help="base top-k")
-    moe.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="base expert FFN size (default --ffn-hidden-size)")
+    moe.add_argument(
+        "--moe-ffn-hidden-size", type=int, default=None, help="base expert FFN size (default --ffn-hidden-size)"
+    )
     moe.add_argument("--moe-layer-freq", type=moe_layer_freq_type, default=1)
     moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     moe.add_argument("--moe-z-loss-coeff", type=float, default=None)
@@ -137,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-iters", type=int, default=4)
     evaluation.add_argument("--log-interval", type=int, default=10)
     evaluation.add_argument("--tensorboard-dir", type=Path, default=None)
-    evaluation.add_argument("--log-jsonl", type=Path, default=None, help="JSON-lines metrics (default: <save>/metrics.jsonl)")
+    evaluation.add_argument(
+        "--log-jsonl", type=Path, default=None, help="JSON-lines metrics (default: <save>/metrics.jsonl)"
+    )
 
     checkpoint = parser.add_argument_group("checkpointing")
     checkpoint.add_argument("--save", type=Path, default=Path("runs/pretrain_gpt_moe"))

@@ -78,7 +78,7 @@ def read_documents(files: Iterable[Path], json_key: str = "text") -> Iterator[st
     for path in files:
         text = read_text(path)
         if text is None:
-            warnings.warn(f"skipping {path}: not UTF-8 text")
+            warnings.warn(f"skipping {path}: not UTF-8 text", stacklevel=2)
         elif path.suffix == ".jsonl":
             for number, line in enumerate(text.splitlines(), 1):
                 if line.strip():

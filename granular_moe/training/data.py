@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--tokenizer-model", type=Path, help="an existing SentencePiece model")
     tokenizer.add_argument("--train-tokenizer", action="store_true",
                            help="train a byte-fallback BPE model on the input, saved as PREFIX.model")
-    parser.add_argument("--vocab-size", type=int, default=None, help=f"vocabulary to train (default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument(
+        "--vocab-size", type=int, default=None, help=f"vocabulary to train (default {DEFAULT_VOCAB_SIZE})"
+    )
     parser.add_argument("--suffixes", nargs="+", default=list(DEFAULT_SUFFIXES),
                         help="file name endings read from directories (default: %(default)s)")
     parser.add_argument("--json-key", default="text", help="the text field of .jsonl records (default: text)")

@@ -404,7 +404,9 @@ def trainer_argv(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     argv = list(argv)
     if not argv:
         if not DEFAULT_CONFIG.is_file():
-            raise LaunchConfigError(f"no trainer flags given and the default {DEFAULT_CONFIG} is missing: pass --config")
+            raise LaunchConfigError(
+                f"no trainer flags given and the default {DEFAULT_CONFIG} is missing: pass --config"
+            )
         argv = ["--config", str(DEFAULT_CONFIG)]
     for variable, flag in PARALLEL_ENV.items():
         if not environ.get(variable):
@@ -508,7 +510,9 @@ _ROUTE_FLAGS = {
 }
 
 
-def split_launcher_args(route: str, argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LaunchSettings, list[str]]:
+def split_launcher_args(
+    route: str, argv: Sequence[str], environ: Mapping[str, str]
+) -> tuple[LaunchSettings, list[str]]:
     """Take the launcher's flags out of ``argv`` (the rest are the trainer's), merged with their
     environment variables; a flag and a variable that disagree are an error."""
     flags = {**_LAUNCHER_FLAGS, **_ROUTE_FLAGS[route]}
@@ -535,7 +539,9 @@ def split_launcher_args(route: str, argv: Sequence[str], environ: Mapping[str, s
         parsed = [(name, _launcher_value(value, f"{flag} ({variable})" if variable else flag, kind))
                   for name, value in candidates if value not in (None, "")]
         if len(parsed) == 2 and parsed[0][1] != parsed[1][1]:
-            raise LaunchConfigError(f"{flag} {given[flag]} disagrees with {variable}={environ[variable]}: set one of them")
+            raise LaunchConfigError(
+                f"{flag} {given[flag]} disagrees with {variable}={environ[variable]}: set one of them"
+            )
         values[flag] = parsed[0][1] if parsed else None
     dry_run = dry_run or environ.get("DRY_RUN", "") not in ("", "0")
     settings = LaunchSettings(
@@ -601,7 +607,9 @@ def plan_torchrun(settings: LaunchSettings, argv: Sequence[str], environ: Mappin
     nnodes = settings.nnodes or 1
     nproc = settings.nproc_per_node or default_nproc_per_node(environ)
     if settings.node_rank is not None and settings.node_rank >= nnodes:
-        raise LaunchConfigError(f"NODE_RANK {settings.node_rank} is not a node of NNODES {nnodes}; valid: 0..{nnodes - 1}")
+        raise LaunchConfigError(
+            f"NODE_RANK {settings.node_rank} is not a node of NNODES {nnodes}; valid: 0..{nnodes - 1}"
+        )
     layout = _checked_layout(argv, nnodes, nproc)
     notes = []
     standalone = nnodes == 1 and settings.master_addr is None and settings.master_port is None
@@ -636,7 +644,9 @@ def plan_slurm(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[s
     with a c10d rendezvous on the first node; ``srun-per-gpu``: one task per process."""
     mode = settings.extra.get("--launch-mode", "torchrun")
     if mode not in LAUNCH_MODES:
-        raise LaunchConfigError(f"LAUNCH_MODE / --launch-mode {mode!r} is not valid; valid values: {', '.join(LAUNCH_MODES)}")
+        raise LaunchConfigError(
+            f"LAUNCH_MODE / --launch-mode {mode!r} is not valid; valid values: {', '.join(LAUNCH_MODES)}"
+        )
     notes = []
     nodelist = settings.extra.get("--nodelist")
     job_nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
@@ -679,8 +689,12 @@ def plan_slurm(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[s
             source = (f"torchrun; GROUP_RANK and {nproc} consecutive RANKs per node in the order nodes join the "
                       f"c10d rendezvous at {hosts[0]}:{port}")
         else:
-            ranks = {"SLURM_PROCID": _span(node * nproc, node * nproc + nproc - 1), "SLURM_LOCALID": _span(0, nproc - 1),
-                     "SLURM_NODEID": str(node), "SLURM_STEP_NUM_TASKS": str(world)}
+            ranks = {
+                "SLURM_PROCID": _span(node * nproc, node * nproc + nproc - 1),
+                "SLURM_LOCALID": _span(0, nproc - 1),
+                "SLURM_NODEID": str(node),
+                "SLURM_STEP_NUM_TASKS": str(world),
+            }
             source = "srun"
         nodes.append(NodePlan(node, host, command, env, ranks, source))
     return Plan(f"slurm {mode}", nnodes, nproc, layout, nodes, step=step, notes=notes)
@@ -711,7 +725,9 @@ def plan_mpirun(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[
         flavor = "mpich"
         notes.append("mpirun is not on PATH: MPICH syntax shown (MPI_FLAVOR=openmpi for Open MPI's)")
     if flavor not in MPI_FLAVORS:
-        raise LaunchConfigError(f"MPI_FLAVOR / --mpi-flavor {flavor!r} is not valid; valid values: {', '.join(MPI_FLAVORS)}")
+        raise LaunchConfigError(
+            f"MPI_FLAVOR / --mpi-flavor {flavor!r} is not valid; valid values: {', '.join(MPI_FLAVORS)}"
+        )
     world = nnodes * nproc
     env = _base_env(environ, nproc)
     env.update(MASTER_ADDR=hosts[0] if hosts else "127.0.0.1",

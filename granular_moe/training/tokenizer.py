@@ -135,7 +135,9 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         raise NotImplementedError("granular-moe's pretraining tokenizer has no chat template")
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, output_path: str | os.PathLike) -> SentencePieceTokenizer:
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, output_path: str | os.PathLike
+) -> SentencePieceTokenizer:
     """Train a byte-fallback BPE model of ``vocab_size`` pieces on ``documents`` (each a whole text, newlines
     included), write it to ``output_path`` (atomically) and load it. Deterministic: the same documents give
     the same model file on any machine with the same SentencePiece version."""
