@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -124,7 +125,7 @@ def check_case(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
                                               grads, expected_grads)})
     metadata_equal = all(torch.equal(getattr(plan, f), getattr(expected_plan, f))
                          for f in ("source_token", "row_of_assignment", "tokens_per_expert"))
-    worst = max(errors.values())
+    worst = max(errors.values(), key=lambda error: math.inf if math.isnan(error) else error)  # NaN is the worst
     passed = metadata_equal and worst < TOLERANCE[dtype]  # a NaN error compares False: fails
     return {"case": case.name, "dtype": str(dtype).removeprefix("torch."), **errors, "worst": worst,
             "tolerance": TOLERANCE[dtype], "metadata_equal": metadata_equal, "passed": passed}

@@ -49,6 +49,25 @@ def test_an_error_above_the_target_fails(accuracy, monkeypatch):
     assert 5e-5 < row["output"] < 2e-4 and not row["passed"]
 
 
+def test_a_nan_in_any_gradient_fails(accuracy, monkeypatch):
+    def nan_grad_x(grouped_mlp):
+        class PoisonGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return torch.full_like(grad, float("nan"))
+
+        return lambda x, *rest: grouped_mlp(PoisonGrad.apply(x), *rest)
+
+    with_kernel(accuracy, monkeypatch, grouped_mlp=nan_grad_x)
+    row = accuracy.check_case(accuracy.TINY_CASES[0], torch.float32, torch.device("cpu"))
+    assert row["output"] < 1e-5 and row["grad_x"] != row["grad_x"]  # a correct output, a NaN input gradient
+    assert row["worst"] != row["worst"] and not row["passed"]
+
+
 def test_a_nan_spreading_to_other_tokens_fails(accuracy, monkeypatch):
     def spread(grouped_mlp):
         return lambda x, *rest: grouped_mlp(x, *rest) + x.sum()  # one NaN poisons every row

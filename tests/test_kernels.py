@@ -200,6 +200,20 @@ def test_grouped_mlp_default_tiles_and_expert_sorted_input():
     assert_mlp_matches_fp64_reference(case, F.gelu, False, torch.float32, hidden=40, expert_hidden=32, gather=False)
 
 
+def test_grouped_mlp_strided_gather_index(small_tiles):
+    """A gather index that is a column of a wider tensor (stride 2) reads the same rows as a contiguous one."""
+    case = RoutingCase("k2_strided_index", 9, 5, 2, empty_experts=(3,))
+    tensors, plan = mlp_inputs(case, 24, 40, False, torch.float32)
+    strided = torch.stack([plan.source_token, torch.zeros_like(plan.source_token)], dim=1)[:, 0]
+    assert strided.stride(0) == 2
+    expected, expected_grads = run_mlp(TRITON, tensors, plan, F.gelu, False)
+    plan.source_token = strided
+    out, grads = run_mlp(TRITON, tensors, plan, F.gelu, False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_no_assignments_at_all():
     """Every assignment dropped: empty expert rows, zero outputs, zero gradients."""
     x = torch.randn(3, 16, requires_grad=True)

@@ -87,14 +87,14 @@ def test_tile_table_covers_expert_widths_32_to_8192(dtype):
         for rows_per_expert in (0.5, 37, 2048, 1e6):
             for gated in (False, True):
                 width = d_expert * (2 if gated else 1)
-                row_gemms = [  # (n, k, two accumulators): forward fc1, forward fc2, d act, d x
-                    (d_expert, hidden, gated),
-                    (hidden, d_expert, False),
-                    (d_expert, hidden, False),
-                    (hidden, width, False),
+                row_gemms = [  # (n, k, wide epilogue, two accumulators): fc1, fc2, d act, d x
+                    (d_expert, hidden, gated, gated),
+                    (hidden, d_expert, False, False),
+                    (d_expert, hidden, True, False),
+                    (hidden, width, False, False),
                 ]
-                for n, k, two in row_gemms:
-                    t = tiles.row_gemm_tiles(rows_per_expert, n, k, dtype, gated=two)
+                for n, k, wide, two in row_gemms:
+                    t = tiles.row_gemm_tiles(rows_per_expert, n, k, dtype, wide)
                     for block, extent in ((t.block_m, None), (t.block_n, n), (t.block_k, k)):
                         assert is_power_of_two(block) and block >= 16
                         assert extent is None or block <= max(16, 2 ** (extent - 1).bit_length())

@@ -199,7 +199,8 @@ def _rows_gemm(
 ) -> None:
     """Launch the rows kernel: ``rows_e @ b[e]`` with ``b [E, K, n]`` (any strides)."""
     k = b.shape[1]
-    t = tiles.row_gemm_tiles(layout.rows_per_expert, n, k, a.dtype, gated=gated and epilogue == ACTIVATE)
+    wide_epilogue = epilogue == ACTIVATION_GRAD or (gated and epilogue == ACTIVATE)
+    t = tiles.row_gemm_tiles(layout.rows_per_expert, n, k, a.dtype, wide_epilogue)
     grid = (layout.max_tiles(t.block_m) * triton.cdiv(n, t.block_n),)
     if layout.num_rows == 0 or grid[0] == 0:
         return
@@ -243,6 +244,8 @@ class GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight1, weight2, tokens_per_expert, gather_index, activation, gated):
         x = x.contiguous()
+        if gather_index is not None:
+            gather_index = gather_index.contiguous()  # the kernels read it with stride 1
         num_rows = x.shape[0] if gather_index is None else gather_index.numel()
         layout = ExpertRows(tokens_per_expert, num_rows)
         expert_hidden = weight2.shape[1]

@@ -45,16 +45,21 @@ def _max_depth(dtype: torch.dtype) -> int:
     return 64 if dtype.itemsize <= 2 else 32
 
 
-def row_gemm_tiles(rows_per_expert: float, n: int, k: int, dtype: torch.dtype, gated: bool = False) -> GemmTiles:
+def row_gemm_tiles(
+    rows_per_expert: float, n: int, k: int, dtype: torch.dtype, wide_epilogue: bool = False
+) -> GemmTiles:
     """Tiles of ``rows @ weight[e]`` (``[rows_e, k] @ [k, n]``) over expert-sorted rows.
 
     ``block_m`` follows the mean rows per expert, so small experts waste few masked rows at their last
-    tile. A gated forward keeps two accumulators (activation and gate halves), so its tiles are half as wide.
+    tile. A wide epilogue holds several fp32 tiles at once (a gated forward's two accumulators; the
+    activation backward's gradient, saved pre-activations and their derivative), so its tiles are half as
+    wide and spread over 8 warps: at 128 x 128 on 8 warps that epilogue spills registers on sm_90
+    (``benchmarks/kernel_resources.py``).
     """
     block_m = _pow2_between(rows_per_expert, 16, 128)
-    block_n = _pow2_between(n, 16, 64 if gated else 128)
+    block_n = _pow2_between(n, 16, 64 if wide_epilogue else 128)
     block_k = _pow2_between(k, 16, _max_depth(dtype))
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_m * block_n >= (64 * 64 if wide_epilogue else 128 * 128) else 4
     return GemmTiles(block_m, block_n, block_k, num_warps, num_stages=3)
 
 

@@ -1,0 +1,49 @@
+"""benchmarks/kernel_resources.py: every Triton kernel of the expert block compiles for sm_90 (H100/H200)
+at the issue's shapes without register spills, and the check reports a tile that spills."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+KERNELS = {"_block_histogram_kernel", "_scatter_kernel", "_grouped_rows_kernel", "_grouped_weight_grad_kernel",
+           "_segment_sum_kernel", "_combine_backward_kernel", "_gather_rows_kernel"}
+
+
+def run_check(tmp_path, args, prelude=""):
+    """The script in a fresh process (the kernels must be compiled, not interpreted), its own Triton cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    argv = [str(SCRIPT), *args]
+    code = (f"import runpy, sys\nsys.path.insert(0, {str(SCRIPT.parent)!r})\n{prelude}\n"  # as run as a script
+            f"sys.argv = {argv!r}\nrunpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_expert_block_compiles_for_sm90_without_spills_at_the_widest_and_narrowest_experts(tmp_path):
+    result = run_check(tmp_path, ["--gs", "1,256", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    for g, d_expert in ((1, 8192), (256, 32)):
+        for gated in (False, True):
+            shape = [r for r in rows if (r["G"], r["gated"]) == (g, gated)]
+            assert {r["kernel"] for r in shape} == KERNELS and all(r["d_expert"] == d_expert for r in shape)
+            epilogues = {r["constants"]["EPILOGUE"] for r in shape if r["kernel"] == "_grouped_rows_kernel"}
+            assert epilogues == {"activate", "store", "activation_grad"}
+    assert all(r["passed"] and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
+    assert "compile without spills" in result.stdout
+
+
+def test_a_tile_that_spills_fails_the_check(tmp_path):
+    """The activation backward on a 128 x 128 tile (the table's choice before this check existed) spills."""
+    prelude = (
+        "from granular_moe.ops.triton import tiles\n"
+        "tiles.row_gemm_tiles = lambda *a, **k: tiles.GemmTiles(128, 128, 64, 8, 3)\n"
+    )
+    result = run_check(tmp_path, ["--gs", "1", "--out", str(tmp_path)], prelude)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    failed = [r for r in rows if not r["passed"]]
+    assert failed and all(r["constants"]["EPILOGUE"] == "activation_grad" and r["spill_bytes"] > 0 for r in failed)
