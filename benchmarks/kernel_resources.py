@@ -90,7 +90,8 @@ def compile_only(compiled: list):
 
 def resources(kernel) -> dict:
     """Shared memory from Triton's metadata; registers and spill bytes from ptxas -v on the kernel's PTX,
-    with the options Triton's own ptxas call uses."""
+    with the options Triton's own ptxas call uses; whether its dots became Hopper wgmma and its loads
+    asynchronous copies (software pipelining)."""
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / "kernel.ptx"
         ptx.write_text(kernel.asm["ptx"])
@@ -99,7 +100,9 @@ def resources(kernel) -> dict:
         log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return {"shared_bytes": kernel.metadata.shared, "registers": registers, "spill_bytes": spills}
+    ttgir = kernel.asm["ttgir"]
+    return {"shared_bytes": kernel.metadata.shared, "registers": registers, "spill_bytes": spills,
+            "wgmma": "warp_group_dot" in ttgir, "async_copy": "async_copy_global_to_local" in ttgir}
 
 
 def expert_block_launches(tokens, d_model, d_expert, experts, topk, gated, dtype) -> list:

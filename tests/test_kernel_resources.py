@@ -33,6 +33,11 @@ def test_expert_block_compiles_for_sm90_without_spills_at_the_widest_and_narrowe
             epilogues = {r["constants"]["EPILOGUE"] for r in shape if r["kernel"] == "_grouped_rows_kernel"}
             assert epilogues == {"activate", "store", "activation_grad"}
     assert all(r["passed"] and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
+    gemms = [r for r in rows if r["kernel"].startswith("_grouped")]
+    assert all(r["async_copy"] for r in gemms)  # software-pipelined loads
+    # bf16 dots on Hopper's wgmma, except a weight gradient whose output tile is under wgmma's 64 rows
+    narrow = [r for r in gemms if r["kernel"] == "_grouped_weight_grad_kernel" and int(r["constants"]["BLOCK_K"]) < 64]
+    assert narrow and all(r["wgmma"] for r in gemms if r not in narrow)
     assert "compile without spills" in result.stdout
 
 
