@@ -32,10 +32,6 @@ class GranularShape:
     expert_hidden_size: int
     expert_model_parallel_size: int = 1
 
-    @property
-    def num_local_experts(self) -> int:
-        return self.num_experts // self.expert_model_parallel_size
-
 
 def _divisors(n: int, limit: int = 16) -> str:
     values = [d for d in range(1, n + 1) if n % d == 0]
@@ -159,6 +155,10 @@ def check_layer_config(config, router_type: str) -> None:
         "--moe-pad-expert-input-to-capacity is not supported": config.moe_pad_expert_input_to_capacity,
         "--moe-latent-size is not supported": config.moe_latent_size is not None,
         "--moe-input-jitter-eps is not supported": config.moe_input_jitter_eps is not None,
+        "--context-parallel-size must be 1": (config.context_parallel_size or 1) != 1,
+        "--moe-router-force-load-balancing is not supported": config.moe_router_force_load_balancing,
+        "--moe-apply-probs-on-input is not supported": config.moe_apply_probs_on_input,
+        "--moe-layer-recompute is not supported": config.moe_layer_recompute,
     }
     problems = [msg for msg, bad in unsupported.items() if bad]
     if problems:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from granular_moe.ops import kernels_for
 
@@ -96,7 +97,12 @@ class GroupedExperts(torch.nn.Module):
         from granular_moe.parallel import expert_parallel_groups
 
         groups = expert_parallel_groups()
-        replica = 0 if groups is None else dist.get_group_rank(groups.expert_data_parallel, dist.get_rank())
+        if groups is not None:
+            replica = dist.get_group_rank(groups.expert_data_parallel, dist.get_rank())
+        elif parallel_state.model_parallel_is_initialized():  # megatron-core's groups alone (EP 1)
+            replica = parallel_state.get_expert_data_parallel_rank()
+        else:
+            replica = 0
         ep_size = self.config.num_moe_experts // self.num_local_experts
         ep_rank = int(self.global_expert_ids[0]) // self.num_local_experts
         expert_axis = (len(sharded_offsets), ep_rank, ep_size)

@@ -30,7 +30,8 @@ class GranularMoELayer(MegatronModule):
     After each forward, ``stats`` holds the layer's :class:`~granular_moe.router.RoutingStats`.
 
     Parallelism: experts are spread over the expert-parallel group made by
-    :func:`granular_moe.parallel.initialize_model_parallel` (de-duplicated all-to-all). With tensor
+    :func:`granular_moe.parallel.initialize_model_parallel` or, after megatron-core's own initialisation,
+    :func:`granular_moe.parallel.expert_groups_from_megatron` (de-duplicated all-to-all). With tensor
     parallelism and sequence parallelism each rank routes its own sequence shard (router losses over the
     whole shard group, as Megatron does); without sequence parallelism every rank routes all tokens and
     runs the experts on its ``1/TP`` of them, then the outputs are gathered.
@@ -59,7 +60,8 @@ class GranularMoELayer(MegatronModule):
         if config.expert_model_parallel_size != ep_size:
             raise ParallelLayoutError(
                 f"--expert-model-parallel-size {config.expert_model_parallel_size} but the expert-parallel group "
-                f"has {ep_size} ranks: call granular_moe.parallel.initialize_model_parallel(expert=...) first"
+                f"has {ep_size} ranks: call granular_moe.parallel.initialize_model_parallel(expert=...), or "
+                f"granular_moe.parallel.expert_groups_from_megatron() after megatron-core's, first"
             )
         self.tp_group = _tensor_parallel_group(pg_collection)
         sequence_sharded = self.tp_group is not None and config.sequence_parallel
@@ -86,24 +88,25 @@ class GranularMoELayer(MegatronModule):
         the router's losses; they are still routed.
         """
         seq, batch, hidden = hidden_states.shape
+        sharing_tokens = self.tp_group is not None and not self.config.sequence_parallel
+        if sharing_tokens and (seq * batch) % dist.get_world_size(self.tp_group):
+            raise ParallelLayoutError(
+                f"{seq * batch} tokens (--seq-length x --micro-batch-size) are not divisible by "
+                f"--tensor-model-parallel-size {dist.get_world_size(self.tp_group)}"
+            )
         x = hidden_states.reshape(seq * batch, hidden)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
         routing, self.stats = self.router(x, valid)
-        if self.tp_group is None or self.config.sequence_parallel:
-            output = self.dispatcher(x, routing, self.experts)
-        else:
+        if sharing_tokens:
             output = self._run_on_token_share(x, routing)
+        else:
+            output = self.dispatcher(x, routing, self.experts)
         return output.view(seq, batch, hidden), None
 
     def _run_on_token_share(self, x: torch.Tensor, routing) -> torch.Tensor:
         """Without sequence parallelism the tensor-parallel ranks hold the same tokens: each runs the
         experts on its share, then the shares are gathered."""
         size, rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
-        if x.shape[0] % size:
-            raise ParallelLayoutError(
-                f"{x.shape[0]} tokens (--seq-length x --micro-batch-size) are not divisible by "
-                f"--tensor-model-parallel-size {size}"
-            )
         start, stop = rank * x.shape[0] // size, (rank + 1) * x.shape[0] // size
         share = self.dispatcher(
             split_tokens(x, start, stop, self.tp_group),

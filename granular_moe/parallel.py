@@ -72,9 +72,6 @@ def initialize_model_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 
 
     Needs an initialised ``torch.distributed`` default group.
     """
-    global _GROUPS
-    import deepspeed
-    from deepspeed.utils import groups as ds_groups
     from megatron.core import parallel_state
 
     check_parallel_layout(dist.get_world_size(), tensor, pipeline, expert)
@@ -84,6 +81,30 @@ def initialize_model_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 
         expert_model_parallel_size=expert,
         expert_tensor_parallel_size=1,
     )
+    return expert_groups_from_megatron()
+
+
+def expert_groups_from_megatron() -> ExpertParallelGroups:
+    """DeepSpeed's expert groups for the layout megatron-core's ``parallel_state`` already holds (as
+    Megatron-LM's ``pretrain`` makes it), checked equal to megatron-core's.
+
+    Collective over all ranks (it creates process groups); returns the existing groups when called again.
+    """
+    global _GROUPS
+    import deepspeed
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state
+
+    if _GROUPS is not None:
+        return _GROUPS
+    if not parallel_state.model_parallel_is_initialized():
+        raise ParallelLayoutError("megatron-core's model-parallel state is not initialised")
+    expert_tensor = parallel_state.get_expert_tensor_parallel_world_size()
+    if expert_tensor != 1:
+        raise ParallelLayoutError(
+            f"--expert-tensor-parallel-size {expert_tensor} is not supported; valid values: 1"
+        )
+    expert = parallel_state.get_expert_model_parallel_world_size()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     ds_groups.mpu = parallel_state
     name = f"ep_size_{expert}"

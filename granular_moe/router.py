@@ -38,10 +38,6 @@ class Routing:
     token_offsets: torch.Tensor  # [T + 1] int64
     num_experts: int
 
-    @property
-    def num_tokens(self) -> int:
-        return self.token_offsets.numel() - 1
-
 
 @dataclass
 class RoutingStats:
@@ -53,11 +49,6 @@ class RoutingStats:
     z_loss: torch.Tensor  # mean(logsumexp(logits)^2) without its coefficient
     # Switch loss without its coefficient (1.0 when balanced); None for expert choice, balanced by design
     load_balancing_loss: Optional[torch.Tensor] = None
-
-    def load_imbalance(self) -> torch.Tensor:
-        """Max over mean expert load (1.0 is perfectly balanced)."""
-        load = self.tokens_per_expert.float()
-        return load.max() / load.mean().clamp_min(1e-9)
 
 
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
@@ -125,10 +116,11 @@ class _Router(torch.nn.Module):
         return 1 if self.token_group is None else dist.get_world_size(self.token_group)
 
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W_r^T`` in fp32 (fp64 for fp64 inputs or ``--moe-router-dtype fp64``)."""
+        """``x @ W_r^T`` in fp32 (fp64 for fp64 inputs or ``--moe-router-dtype fp64``), autocast or not."""
         wide = x.dtype == torch.float64 or self.config.moe_router_dtype == "fp64"
         dtype = torch.float64 if wide else torch.float32
-        logits = x.to(dtype) @ self.weight.to(dtype).t()
+        with torch.autocast(x.device.type, enabled=False):
+            logits = x.to(dtype) @ self.weight.to(dtype).t()
         if not bool(torch.isfinite(logits).all()):
             bad = int((~torch.isfinite(logits)).any(dim=-1).sum())
             raise RouterLogitsError(
@@ -144,13 +136,14 @@ class _Router(torch.nn.Module):
     def _num_layers(self) -> int:
         return self.config.num_layers + (self.config.mtp_num_layers or 0)
 
-    def _attach(self, tensor, loss, coeff: float, name: str, num_tokens) -> torch.Tensor:
-        """Attach ``coeff * loss`` to ``tensor``'s backward and record it the way Megatron does."""
+    def _attach(self, tensor, loss, coeff: float, name: str, num_tokens, share_of_sum: bool) -> torch.Tensor:
+        """Attach ``coeff * loss`` to ``tensor``'s backward and record it for Megatron's aux-loss log, which
+        sums the record over the token group: a loss that is this rank's share of a sum goes in as it is, a
+        local mean as its share of the group's mean."""
         if coeff == 0 or not self._attaching():
             return tensor
-        save_to_aux_losses_tracker(
-            name, loss.detach(), self.layer_number, self._num_layers(), reduce_group=self.token_group
-        )
+        tracked = loss.detach() if share_of_sum else loss.detach() / self._token_group_size()
+        save_to_aux_losses_tracker(name, tracked, self.layer_number, self._num_layers(), reduce_group=self.token_group)
         scaled = coeff * loss
         if self.config.calculate_per_token_loss:
             scaled = scaled * num_tokens
@@ -161,7 +154,7 @@ class _Router(torch.nn.Module):
         z = router_z_loss(logits, valid)
         coeff = (self.config.moe_z_loss_coeff or 0.0) / self._token_group_size()
         num_tokens = logits.shape[0] if valid is None else valid.sum()
-        return z, self._attach(logits, z, coeff, "z_loss", num_tokens)
+        return z, self._attach(logits, z, coeff, "z_loss", num_tokens, share_of_sum=False)
 
 
 class TokenChoiceRouter(_Router):
@@ -225,10 +218,13 @@ class TokenChoiceRouter(_Router):
             counts_and_tokens = torch.cat([counts.to(probs.dtype), num_tokens.view(1)])
             dist.all_reduce(counts_and_tokens, group=self.token_group)
             counts, num_tokens = counts_and_tokens[:-1], counts_and_tokens[-1]
-        balance = switch_load_balancing_loss(probs, counts, num_tokens, self.topk)
+        # clamped: a micro-batch of padding only has no valid token, and a zero loss rather than 0 / 0
+        balance = switch_load_balancing_loss(probs, counts, num_tokens.clamp_min(1), self.topk)
         if self.config.moe_router_load_balancing_type == "none":
             return gate, balance.detach()
-        gate = self._attach(gate, balance, self.config.moe_aux_loss_coeff, "load_balancing_loss", local_tokens)
+        gate = self._attach(
+            gate, balance, self.config.moe_aux_loss_coeff, "load_balancing_loss", local_tokens, share_of_sum=True
+        )
         return gate, balance.detach()
 
     def _capacity_mask(self, experts: torch.Tensor, gate: torch.Tensor, capacity: int) -> torch.Tensor:

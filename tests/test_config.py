@@ -71,6 +71,10 @@ def test_apply_granularity_needs_an_moe_model():
     [
         (dict(add_bias_linear=True), "--disable-bias-linear is required"),
         (dict(moe_shared_expert_intermediate_size=16), "--moe-shared-expert-intermediate-size is not supported"),
+        (dict(context_parallel_size=2), "--context-parallel-size must be 1"),
+        (dict(moe_router_force_load_balancing=True), "--moe-router-force-load-balancing is not supported"),
+        (dict(moe_apply_probs_on_input=True, topk=1), "--moe-apply-probs-on-input is not supported"),
+        (dict(moe_layer_recompute=True), "--moe-layer-recompute is not supported"),
         (dict(moe_router_load_balancing_type="sinkhorn"), "--moe-router-load-balancing-type must be aux_loss or none"),
         (
             dict(moe_token_drop_policy="random"),

@@ -55,3 +55,25 @@ def test_distributed_checkpoint_view_places_each_rank_at_its_global_experts(gloo
             covered += range(offset[1], offset[1] + data.shape[0])
         assert covered == list(range(16))  # the two ranks tile the layer's experts exactly once
         assert single[key].global_offset == (3, 0, 0, 0) and single[key].data.shape == global_shape[1:]
+
+
+def validate_with_megatron_groups_only(rank, world_size):
+    """Megatron-LM's layout at EP 1: megatron-core's groups alone (data parallel 2); the sharding check
+    megatron-core's distributed save runs first (the save itself needs CUDA)."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(7)
+    layer = GranularMoELayer(moe_config(2), layer_number=1)
+    sharded = layer.sharded_state_dict(prefix="mlp.")
+    validate_sharding_integrity(determine_global_metadata(sharded)[1])
+    return {key: tensor.replica_id for key, tensor in sharded.items() if key.startswith("mlp.experts.weight")}
+
+
+def test_data_parallel_replicas_save_one_copy_of_the_experts():
+    """Each data-parallel replica marks its copy of the experts with its expert-data-parallel rank, so
+    megatron-core's checkpoint validation sees one main copy (replica 0), not two."""
+    replicas = run_distributed(validate_with_megatron_groups_only, 2)
+    for rank, ids in enumerate(replicas):
+        assert ids == {"mlp.experts.weight1": rank, "mlp.experts.weight2": rank}

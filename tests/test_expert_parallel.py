@@ -72,16 +72,31 @@ def single_process_reference(case, weights, x, projection):
         "weight2_grad": layer.experts.weight2.grad,
         "dropped": int(layer.stats.dropped),
         "tokens_per_expert": layer.stats.tokens_per_expert,
+        "z_loss": layer.stats.z_loss,
     }
 
 
-def distributed_worker(rank, world_size, tp, ep, cases):
-    """Each rank: its share of the replica's input, the distributed layer, forward and backward."""
-    from megatron.core import parallel_state
+def distributed_worker(rank, world_size, tp, ep, cases, megatron_lm=False):
+    """Each rank: its share of the replica's input, the distributed layer, forward and backward.
 
+    ``megatron_lm``: the groups come as in Megatron-LM's pretrain (megatron-core's own initialisation,
+    then the plugin's decoder-block spec function), not from granular_moe.parallel.
+    """
+    import argparse
+
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    from granular_moe.megatron.megatron_lm import granular_moe_decoder_block_spec
     from granular_moe.parallel import initialize_model_parallel
 
-    initialize_model_parallel(tensor=tp, expert=ep)
+    if megatron_lm:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+        )
+        granular_moe_decoder_block_spec(argparse.Namespace(), case_config(cases[0], ep=ep, tp=tp), False)
+    else:
+        initialize_model_parallel(tensor=tp, expert=ep)
     tp_rank, replica = parallel_state.get_tensor_model_parallel_rank(), rank // tp
     results = []
     for case in cases:
@@ -95,9 +110,11 @@ def distributed_worker(rank, world_size, tp, ep, cases):
         )
         load_weights(layer, weights)
         x = x.clone().requires_grad_()
+        clear_aux_losses_tracker()
         out, _ = layer(x)
         (out * projection).sum().backward()
         traffic = getattr(layer.dispatcher, "traffic", None)
+        tracked_z = get_moe_layer_wise_logging_tracker().get("z_loss", {}).get("values")
         results.append(
             {
                 "out": out.detach(),
@@ -109,6 +126,8 @@ def distributed_worker(rank, world_size, tp, ep, cases):
                 "dropped": int(layer.stats.dropped),
                 "tokens_per_expert": layer.stats.tokens_per_expert,
                 "traffic": None if traffic is None else vars(traffic),
+                "z_loss": layer.stats.z_loss,
+                "tracked_z_loss": None if tracked_z is None else float(tracked_z[0]),  # before Megatron's sum
             }
         )
     return results
@@ -142,10 +161,12 @@ EP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_expert_parallel_equals_single_process(ep):
-    results = run_distributed(distributed_worker, ep, 1, ep, EP_CASES)
-    for index, case in enumerate(EP_CASES):
+@pytest.mark.parametrize("ep, megatron_lm", [(2, False), (4, False), (2, True)], ids=["ep2", "ep4", "ep2-megatron-lm"])
+def test_expert_parallel_equals_single_process(ep, megatron_lm):
+    """megatron_lm: groups initialised as Megatron-LM's pretrain does, then joined by the plugin's spec."""
+    cases = EP_CASES[:2] if megatron_lm else EP_CASES
+    results = run_distributed(distributed_worker, ep, 1, ep, cases, megatron_lm)
+    for index, case in enumerate(cases):
         weights, inputs = case_data(case, ep)
         references = [single_process_reference(case, weights, *inputs[r]) for r in range(ep)]
         router_grad = sum(ref["router_grad"] for ref in references)
@@ -223,4 +244,7 @@ def test_tensor_and_expert_parallel_equal_single_process():
             for replica in range(world // tp):
                 summed = sum(results[replica * tp + j][index]["router_grad"] for j in range(tp))
                 close(summed, references[replica]["router_grad"])
+                # Megatron's log sums the z-loss record over the sequence shards: the whole batch's mean
+                tracked = sum(results[replica * tp + j][index]["tracked_z_loss"] for j in range(tp))
+                assert tracked == pytest.approx(float(references[replica]["z_loss"]), rel=1e-6)  # fp32 tracker
 

@@ -121,6 +121,28 @@ def test_padding_is_routed_but_left_out_of_the_losses():
     assert not torch.allclose(masked_z, layer.stats.z_loss)
 
 
+def test_a_micro_batch_of_padding_only_gives_zero_losses_and_finite_gradients():
+    config = moe_config(2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3)
+    layer = GranularMoELayer(config, layer_number=1)
+    x = torch.randn(SEQ, BATCH, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    out, _ = layer(x, padding_mask=torch.ones(BATCH, SEQ, dtype=torch.bool))
+    out.sum().backward()
+    assert float(layer.stats.load_balancing_loss) == 0.0 and float(layer.stats.z_loss) == 0.0
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.router.weight.grad).all()
+
+
+def test_the_router_stays_in_fp32_under_autocast():
+    config = moe_config(4, dtype=torch.float32)
+    torch.manual_seed(0)
+    layer = GranularMoELayer(config, layer_number=1)
+    x = torch.randn(SEQ * BATCH, config.hidden_size)
+    plain, _ = layer.router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = layer.router(x)
+    assert mixed.weight.dtype == torch.float32
+    assert torch.equal(mixed.expert_index, plain.expert_index) and torch.equal(mixed.weight, plain.weight)
+
+
 def test_experts_compute_in_the_autocast_dtype():
     config = moe_config(4, dtype=torch.float32)
     torch.manual_seed(0)

@@ -57,8 +57,15 @@ def granular_moe_decoder_block_spec(args: argparse.Namespace, config, use_transf
     the plugin's flags, e.g. a Megatron-LM tool that only loads a model); ``megatron_kwargs`` are
     megatron-core's (``normalization``, ``qk_l2_norm``, ``vp_stage``, ``pp_rank``).
     """
-    from granular_moe.megatron.spec import get_gpt_decoder_block_spec
+    from megatron.core import parallel_state
 
+    from granular_moe.megatron.spec import get_gpt_decoder_block_spec
+    from granular_moe.parallel import expert_groups_from_megatron
+
+    # Megatron-LM's initialize made megatron-core's groups; every rank builds its model here, so this is
+    # where DeepSpeed's expert groups join them (collective, once).
+    if parallel_state.model_parallel_is_initialized():
+        expert_groups_from_megatron()
     return get_gpt_decoder_block_spec(
         config, use_transformer_engine, router_type=getattr(args, "moe_router_type", "token_choice"),
         kernels=getattr(args, "moe_kernels", "auto"), **megatron_kwargs,
