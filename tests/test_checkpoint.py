@@ -1,5 +1,5 @@
-"""Checkpoints: a save killed midway leaves the previous checkpoint and the tracker intact; loading
-refuses another parallel layout."""
+"""Checkpoints: a save killed midway leaves the previous checkpoint and the tracker intact; a save replaces
+an earlier run's checkpoint of the same iteration safely; loading refuses another parallel layout."""
 
 import pytest
 import torch
@@ -51,6 +51,46 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint(gloo_world, tmp_path, m
     assert not (tmp_path / "iter_0000008.tmp").exists()
     assert load_checkpoint(tmp_path, fresh, fresh_optimizer, LAYOUT) == TrainingState(8, 128)
     torch.testing.assert_close(fresh.weight, model.weight)
+
+
+def test_a_save_replaces_a_checkpoint_of_the_same_iteration(gloo_world, tmp_path, monkeypatch):
+    """An earlier run's iter_N in the same --save is replaced, not kept in place of this run's; a kill while
+    replacing it leaves the earlier one whole, and a kill before the tracker is written costs no checkpoint."""
+    earlier, earlier_optimizer = model_and_optimizer(0)
+    save_checkpoint(tmp_path, TrainingState(4, 64), earlier, earlier_optimizer, LAYOUT)
+    model, optimizer = model_and_optimizer(1)
+    fresh, fresh_optimizer = model_and_optimizer(2)
+
+    real_replace = checkpoint.os.replace
+
+    def killed_at_the_swap(source, target):
+        if str(source).endswith(".tmp") and "iter_" in str(source):
+            raise KeyboardInterrupt("killed while replacing iter_0000004")
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, TrainingState(4, 64), model, optimizer, LAYOUT)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "iter_0000004.replaced"
+    assert load_checkpoint(tmp_path, fresh, fresh_optimizer, LAYOUT) == TrainingState(4, 64)
+    torch.testing.assert_close(fresh.weight, earlier.weight)
+
+    save_checkpoint(tmp_path, TrainingState(4, 64), model, optimizer, LAYOUT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+    load_checkpoint(tmp_path, fresh, fresh_optimizer, LAYOUT)
+    torch.testing.assert_close(fresh.weight, model.weight)
+
+    def killed_before_the_tracker(path, text):
+        raise KeyboardInterrupt("killed before the tracker names the new checkpoint")
+
+    monkeypatch.setattr(checkpoint, "_write_atomically", killed_before_the_tracker)
+    with pytest.raises(KeyboardInterrupt):  # iter_0000008 is in place, the tracker still says 4
+        save_checkpoint(tmp_path, TrainingState(8, 128), model, optimizer, LAYOUT)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "iter_0000004"
+    save_checkpoint(tmp_path, TrainingState(8, 128), model, optimizer, LAYOUT)  # the resumed run saves 8 again
+    assert latest_checkpoint(tmp_path).name == "iter_0000008"
 
 
 def test_loading_needs_the_saved_layout(gloo_world, tmp_path):

@@ -62,8 +62,17 @@ def _restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
+def _replaced(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".replaced")
+
+
 def save_checkpoint(save: Path, state: TrainingState, model, optimizer, layout: dict) -> Path:
-    """Write this rank's shard of the checkpoint at ``state.iteration``; collective over all ranks."""
+    """Write this rank's shard of the checkpoint at ``state.iteration``; collective over all ranks.
+
+    The shards go to ``iter_N.tmp``, which becomes ``iter_N`` once complete, then the tracker names it. A
+    checkpoint already at ``iter_N`` (an earlier run into the same ``--save``) is replaced, as Megatron does;
+    until the new one is in place the old one stays whole, as ``iter_N`` or ``iter_N.replaced``.
+    """
     save = Path(save)
     final = save / f"iter_{state.iteration:07d}"
     staging = final.with_name(final.name + ".tmp")
@@ -72,13 +81,7 @@ def save_checkpoint(save: Path, state: TrainingState, model, optimizer, layout: 
         save.mkdir(parents=True, exist_ok=True)
         if staging.exists():  # left by a killed save
             shutil.rmtree(staging)
-        if not final.exists():
-            staging.mkdir()
-    exists = torch.tensor([int(final.exists())])
-    dist.broadcast(exists, src=0)  # every rank agrees on skipping an iteration already saved
-    if exists.item():
-        dist.barrier()
-        return final
+        staging.mkdir()
     dist.barrier()
     shard = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_states()}
     torch.save(shard, staging / _shard_name(rank))
@@ -86,18 +89,28 @@ def save_checkpoint(save: Path, state: TrainingState, model, optimizer, layout: 
     if rank == 0:
         metadata = {"state": asdict(state), "layout": layout}
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
+        if final.exists():
+            if _replaced(final).exists():
+                shutil.rmtree(_replaced(final))
+            os.replace(final, _replaced(final))
         os.replace(staging, final)
         _write_atomically(save / TRACKER, str(state.iteration))
+        if _replaced(final).exists():
+            shutil.rmtree(_replaced(final))
     dist.barrier()
     return final
 
 
 def latest_checkpoint(load: Path) -> Optional[Path]:
-    """The newest complete checkpoint under ``load``, or None when there is none yet."""
+    """The checkpoint the tracker names under ``load`` (the one a save killed while replacing it moved
+    aside, if that is where it is), or None when there is none yet."""
     tracker = Path(load) / TRACKER
     if not tracker.exists():
         return None
-    return Path(load) / f"iter_{int(tracker.read_text().strip()):07d}"
+    directory = Path(load) / f"iter_{int(tracker.read_text().strip()):07d}"
+    if not directory.exists() and _replaced(directory).exists():
+        return _replaced(directory)
+    return directory
 
 
 def load_checkpoint(load: Path, model, optimizer, layout: dict) -> Optional[TrainingState]:

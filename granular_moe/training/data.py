@@ -190,8 +190,7 @@ def train_batches(dataset: GPTDataset, micro_batch_size: int, consumed_samples: 
     attention makes it (pass ``attention_mask=None``)."""
     sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size,
                                       data_parallel_rank, data_parallel_size)
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                            pin_memory=torch.cuda.is_available()))
+    return _loader(dataset, sampler, num_workers)
 
 
 def eval_batches(dataset: GPTDataset, micro_batch_size: int, data_parallel_rank: int = 0,
@@ -200,8 +199,14 @@ def eval_batches(dataset: GPTDataset, micro_batch_size: int, data_parallel_rank:
     ``--eval-iters`` global batches), in the same order at every call; tensors as in :func:`train_batches`."""
     total = dataset.num_samples if dataset.num_samples is not None else len(dataset)
     sampler = PretrainingBatchSampler(total, 0, micro_batch_size, data_parallel_rank, data_parallel_size)
+    return _loader(dataset, sampler, num_workers)
+
+
+def _loader(dataset: GPTDataset, sampler: PretrainingBatchSampler, num_workers: int) -> Iterator[dict]:
+    """A DataLoader iterator with its own generator: starting one draws a seed, which must not come from the
+    global RNG that dropout uses (a resumed run would draw it at another point than the uninterrupted one)."""
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                            pin_memory=torch.cuda.is_available()))
+                                            pin_memory=torch.cuda.is_available(), generator=torch.Generator()))
 
 
 # ---------------------------------------------------------------------------------------------------------
