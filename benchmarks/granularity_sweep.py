@@ -14,7 +14,7 @@ and ``loss_vs_time.png`` (validation loss against seconds spent in training step
     python benchmarks/granularity_sweep.py --config configs/sweep_cpu.yaml --out runs/sweep_cpu
     python benchmarks/granularity_sweep.py --config configs/sweep_gpu.yaml --out runs/sweep_gpu
 
-Flags the script does not know go to every training run (e.g. ``--train-iters 2``).
+Flags the script does not know go to every training run (e.g. ``--train-iters 2 --lr-warmup-iters 1``).
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ class GroupedExperts(torch.nn.Module):
         self.weight2 = torch.nn.Parameter(
             torch.empty(num_local_experts, expert_hidden, hidden, dtype=dtype, device=device)
         )
-        if config.perform_initialization:
+        if config.perform_initialization and device == "cpu" and torch.cuda.is_available():
+            self._initialize_slice_of_all_experts(first_expert)
+        elif config.perform_initialization:
             with _expert_rng():
                 config.init_method(self.weight1)
                 config.output_layer_init_method(self.weight2)
@@ -63,6 +65,17 @@ class GroupedExperts(torch.nn.Module):
         self.register_buffer(
             "global_expert_ids", torch.arange(first_expert, first_expert + num_local_experts, device=device)
         )
+
+    @torch.no_grad()
+    def _initialize_slice_of_all_experts(self, first_expert: int) -> None:
+        """``--use-cpu-initialization`` on a GPU machine: Megatron's expert RNG stream forks CUDA generators
+        only, and every expert-parallel rank's CPU generator holds the same state, so the layer's experts are
+        all drawn on every rank (as Megatron's CPU initialisation does) and each rank keeps its own."""
+        config, total = self.config, self.config.num_moe_experts
+        for weight, init in ((self.weight1, config.init_method), (self.weight2, config.output_layer_init_method)):
+            every_expert = torch.empty(total, *weight.shape[1:], dtype=weight.dtype)
+            init(every_expert)
+            weight.copy_(every_expert[first_expert : first_expert + self.num_local_experts])
 
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor] = None

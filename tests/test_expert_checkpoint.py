@@ -2,6 +2,7 @@
 megatron-core's distributed checkpoint reshards them (saved with 2 expert-parallel ranks, loaded on one)."""
 
 import pytest
+import torch
 
 from distributed import run_distributed
 from granular_moe import GranularMoELayer
@@ -77,3 +78,20 @@ def test_data_parallel_replicas_save_one_copy_of_the_experts():
     replicas = run_distributed(validate_with_megatron_groups_only, 2)
     for rank, ids in enumerate(replicas):
         assert ids == {"mlp.experts.weight1": rank, "mlp.experts.weight2": rank}
+
+
+def test_cpu_initialisation_on_a_gpu_machine_gives_each_rank_its_own_experts(monkeypatch):
+    """--use-cpu-initialization with CUDA present: Megatron's expert RNG stream would not reach the CPU
+    generator, so each expert-parallel rank (same CPU seed) takes its slice of the whole layer's draw."""
+    config = moe_config(4, expert_model_parallel_size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ranks = []
+    for first in (0, 8):
+        torch.manual_seed(3)
+        ranks.append(GroupedExperts(config, 8, first_expert=first))
+    torch.manual_seed(3)
+    whole = GroupedExperts(moe_config(4), 16)
+    for name in ("weight1", "weight2"):
+        local = [getattr(rank, name) for rank in ranks]
+        assert not torch.equal(local[0], local[1])
+        torch.testing.assert_close(torch.cat(local), getattr(whole, name), rtol=0, atol=0)

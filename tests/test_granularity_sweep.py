@@ -47,8 +47,8 @@ def test_a_mismatched_sweep_is_refused(monkeypatch):
 
 def test_two_step_sweep_on_the_cpu(tmp_path):
     tiny = ["--num-layers", "2", "--hidden-size", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
-            "--seq-length", "32", "--train-iters", "2", "--eval-interval", "1", "--eval-iters", "1",
-            "--log-interval", "1", "--corpus-max-bytes", "300000"]
+            "--seq-length", "32", "--train-iters", "2", "--lr-warmup-iters", "1", "--eval-interval", "1",
+            "--eval-iters", "1", "--log-interval", "1", "--corpus-max-bytes", "300000"]
     out = tmp_path / "sweep"
     assert (
         sweep.main(CONFIG + ["--granularities", "1,2", "--seeds", "1", "--nproc", "1", "--out", str(out)] + tiny) == 0

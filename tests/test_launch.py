@@ -82,6 +82,10 @@ def test_layout_of_a_valid_moe_job():
     (["--global-batch-size", "20", "--micro-batch-size", "4"], 2, "--global-batch-size 20 is not a multiple of "
      "--micro-batch-size 4 x DP 2 = 8"),
     (["--tensor-model-parallel-size", "0"], 4, "--tensor-model-parallel-size (TP) must be >= 1, got 0"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33"], 2,
+     "--seq-length 33 is not divisible by --tensor-model-parallel-size (TP) 2, which --sequence-parallel splits"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--seq-length", "33", "--micro-batch-size", "1"],
+     2, "--seq-length 33 x --micro-batch-size 1 tokens are not divisible by --tensor-model-parallel-size (TP) 2"),
 ])
 def test_each_layout_violation_names_its_flags_and_valid_values(argv, world, expected):
     with pytest.raises(LaunchConfigError, match=re.escape(expected)):
@@ -468,6 +472,6 @@ def test_usage(capsys):
 def test_namespace_built_by_hand_is_checked_too():
     args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               expert_model_parallel_size=3, num_experts=8, num_layers=2, num_attention_heads=2,
-                              sequence_parallel=False, global_batch_size=None, micro_batch_size=1)
+                              sequence_parallel=False, global_batch_size=None, micro_batch_size=1, seq_length=16)
     with pytest.raises(LaunchConfigError, match="8 experts .* not divisible by --expert-model-parallel-size"):
         check_layout(args, 3)

@@ -61,11 +61,31 @@ def test_main_job_trains_logs_and_saves_on_two_processes(tmp_path):
     (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size (TP) 2 x --pipeline-model-parallel-size "
      "(PP) 1 = 2 does not divide the 1 processes"),
     (["--bf16"], "--bf16 needs a GPU"),
+    (["--train-iters", "20", "--lr-warmup-iters", "50"], "--lr-warmup-iters 50 must lie in 0..--lr-decay-iters - 1"),
+    (["--min-lr", "0.1"], "--min-lr 0.1 must lie in 0..--lr 0.003"),
+    (["--save-interval", "0"], "--save-interval must be >= 1, got 0"),
+    (["--moe-layer-freq", "[1,0,1]"], "--moe-layer-freq lists 3 layers, --num-layers is 2"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     from granular_moe.training.pretrain import main
 
     assert main(TINY + flags + ["--save", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("lr-decay-style: inverse-square-root\n",
+     "--lr-decay-style 'inverse-square-root' is not valid; valid values: constant, linear, cosine"),
+    ("moe-router-dtype: fp16\n", "--moe-router-dtype 'fp16' is not valid; valid values: fp32, fp64"),
+    ("bf16: true\nfp32: true\n", "--bf16 and --fp32 exclude each other"),
+])
+def test_config_file_values_are_checked_like_flags(tmp_path, capsys, yaml_text, message):
+    from granular_moe.training.pretrain import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_text)
+    assert main(TINY + ["--config", str(config), "--save", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

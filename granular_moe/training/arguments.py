@@ -93,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), default=None)
     moe.add_argument("--moe-router-pre-softmax", action="store_true",
                      help="accepted for Megatron compatibility: the granular router's softmax always precedes top-k")
-    moe.add_argument("--moe-per-layer-logging", action="store_true")
     add_granular_moe_args(parser)
 
     parallel = parser.add_argument_group("parallelism")
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lr", type=float, default=3e-3)
     training.add_argument("--min-lr", type=float, default=3e-4)
     training.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
-    training.add_argument("--lr-warmup-iters", type=int, default=20)
+    training.add_argument("--lr-warmup-iters", type=int, default=0)
     training.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     training.add_argument("--weight-decay", type=float, default=0.1)
     training.add_argument("--clip-grad", type=float, default=1.0)
@@ -158,8 +157,18 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in known or dest == "config":
             raise GranularMoEConfigError(f"--config {path}: unknown setting {key!r}")
-        action_type = known[dest].type
-        defaults[dest] = action_type(value) if action_type is not None and isinstance(value, str) else value
+        action = known[dest]
+        value = action.type(value) if action.type is not None and isinstance(value, str) else value
+        if action.choices is not None and value not in action.choices:
+            raise GranularMoEConfigError(
+                f"--config {path}: {action.option_strings[0]} {value!r} is not valid; valid values: "
+                f"{', '.join(str(choice) for choice in action.choices)}"
+            )
+        defaults[dest] = value
+    for group in parser._mutually_exclusive_groups:
+        chosen = [a.option_strings[0] for a in group._group_actions if defaults.get(a.dest, a.default) != a.default]
+        if len(chosen) > 1:
+            raise GranularMoEConfigError(f"--config {path}: {' and '.join(chosen)} exclude each other; set one")
     return defaults
 
 
@@ -176,4 +185,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_position_embeddings = args.seq_length
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    check_schedule(args)
+    if isinstance(args.moe_layer_freq, list) and len(args.moe_layer_freq) != args.num_layers:
+        raise GranularMoEConfigError(
+            f"--moe-layer-freq lists {len(args.moe_layer_freq)} layers, --num-layers is {args.num_layers}: "
+            "give one 0/1 entry per layer"
+        )
     return args
+
+
+def check_schedule(args: argparse.Namespace) -> None:
+    """Iteration counts, intervals and the learning-rate schedule Megatron-LM would also refuse."""
+    for flag in ("--train-iters", "--eval-interval", "--log-interval", "--save-interval", "--lr-decay-iters"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise GranularMoEConfigError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
+        raise GranularMoEConfigError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must lie in 0..--lr-decay-iters - 1 "
+            f"(--lr-decay-iters {args.lr_decay_iters}, which defaults to --train-iters)"
+        )
+    if not 0 <= args.min_lr <= args.lr:
+        raise GranularMoEConfigError(f"--min-lr {args.min_lr:g} must lie in 0..--lr {args.lr:g}")

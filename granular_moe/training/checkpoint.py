@@ -39,6 +39,16 @@ def _shard_name(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
+def _sync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk, so a crash of the machine cannot lose what a tracker
+    already names (a killed process loses nothing written anyway)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w") as handle:
@@ -85,15 +95,19 @@ def save_checkpoint(save: Path, state: TrainingState, model, optimizer, layout: 
     dist.barrier()
     shard = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_states()}
     torch.save(shard, staging / _shard_name(rank))
+    _sync(staging / _shard_name(rank))
     dist.barrier()
     if rank == 0:
         metadata = {"state": asdict(state), "layout": layout}
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
+        _sync(staging / "metadata.json")
+        _sync(staging)
         if final.exists():
             if _replaced(final).exists():
                 shutil.rmtree(_replaced(final))
             os.replace(final, _replaced(final))
         os.replace(staging, final)
+        _sync(save)
         _write_atomically(save / TRACKER, str(state.iteration))
         if _replaced(final).exists():
             shutil.rmtree(_replaced(final))

@@ -345,8 +345,9 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
     (DP = world / (TP x PP)) and, for its expert groups, expert-TP x EP x PP to divide it; the granular layer
     runs expert-TP 1, so EP must divide world / PP. Besides: experts divisible by EP, ``--num-layers`` by PP
     (``TransformerConfig``), ``--num-attention-heads`` by TP, ``--global-batch-size`` by micro batch x DP.
-    ``--sequence-parallel`` needs TP > 1. (An MoE model with TP > 1 trains with or without it: the granular
-    layer gives each TP rank its own tokens either way.)
+    ``--sequence-parallel`` needs TP > 1 and TP dividing ``--seq-length``. (An MoE model with TP > 1 trains
+    with or without it: the granular layer gives each TP rank its own tokens either way, so without it TP
+    must divide a micro-batch's tokens.)
     """
     source = world_source or f"WORLD_SIZE {world_size}"
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
@@ -385,6 +386,12 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
                         f"{tp}; valid TP: {_divisors(args.num_attention_heads)}")
     if args.sequence_parallel and tp == 1:
         problems.append(f"--sequence-parallel needs {TP_FLAG} (TP) > 1; drop it or raise TP")
+    if args.sequence_parallel and args.seq_length % tp:
+        problems.append(f"--seq-length {args.seq_length} is not divisible by {TP_FLAG} (TP) {tp}, which "
+                        f"--sequence-parallel splits it over")
+    elif num_experts is not None and not args.sequence_parallel and (args.seq_length * args.micro_batch_size) % tp:
+        problems.append(f"--seq-length {args.seq_length} x --micro-batch-size {args.micro_batch_size} tokens are not "
+                        f"divisible by {TP_FLAG} (TP) {tp}, which the MoE layers split them over")
     if args.global_batch_size and not world_size % (tp * pp):
         step = args.micro_batch_size * (world_size // (tp * pp))
         if args.global_batch_size % step:

@@ -63,7 +63,6 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             moe_router_dtype=args.moe_router_dtype,
             # Megatron's own check wants it for top-1; the granular router's softmax always comes first.
             moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
-            moe_per_layer_logging=args.moe_per_layer_logging,
         )
     return TransformerConfig(**fields)
 

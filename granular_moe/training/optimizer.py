@@ -27,8 +27,10 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
 
 
 def learning_rate(iteration: int, args: argparse.Namespace) -> float:
-    """Megatron-LM's schedule: linear warmup to ``--lr`` over ``--lr-warmup-iters``, then ``--lr-decay-style``
-    down to ``--min-lr`` at ``--lr-decay-iters``, constant after. ``iteration`` counts from 0."""
+    """Megatron-LM's schedule shapes: linear warmup to ``--lr`` over ``--lr-warmup-iters``, then
+    ``--lr-decay-style`` down to ``--min-lr`` at ``--lr-decay-iters``, constant after. ``iteration`` counts
+    from 0 and the rate is the one after its step (``iteration + 1``): Megatron-LM evaluates it before the
+    step, so its first warmup step trains at learning rate 0 and its schedule runs one step behind this."""
     step = iteration + 1
     if args.lr_warmup_iters and step <= args.lr_warmup_iters:
         return args.lr * step / args.lr_warmup_iters
