@@ -98,11 +98,13 @@ def apply_granularity(config, granularity: int):
     """
     if config.num_moe_experts is None:
         raise GranularMoEConfigError("--moe-granularity needs an MoE model: set --num-experts (>= 1)")
+    # TransformerConfig fills an unset --moe-ffn-hidden-size with --ffn-hidden-size: name the latter then
+    expert_size_given = config.moe_ffn_hidden_size != config.ffn_hidden_size
     shape = granular_shape(
         num_experts=config.num_moe_experts,
         topk=config.moe_router_topk,
         ffn_hidden_size=config.ffn_hidden_size,
-        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size if expert_size_given else None,
         granularity=granularity,
         expert_model_parallel_size=config.expert_model_parallel_size,
     )

@@ -32,6 +32,13 @@ def test_apply_granularity_to_a_transformer_config():
     assert config.ffn_hidden_size == 64  # dense layers keep their size
 
 
+def test_apply_granularity_names_the_expert_size_flag_the_job_set():
+    with pytest.raises(GranularMoEConfigError, match="does not divide --ffn-hidden-size 64"):
+        moe_config(3, ffn=64)  # megatron-core copied --ffn-hidden-size into moe_ffn_hidden_size
+    with pytest.raises(GranularMoEConfigError, match="does not divide --moe-ffn-hidden-size 48"):
+        moe_config(32, ffn=64, moe_ffn_hidden_size=48)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
