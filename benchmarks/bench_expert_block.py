@@ -16,12 +16,17 @@ output ``[T, d]``, then the backward for ``x`` and the expert weights (the gates
   the timed step, as in the anchors).
 * ``ours_torch`` / ``ours_triton``: this package's ``dispatch_plan`` + ``grouped_mlp`` + ``combine`` from
   ``--moe-kernels torch`` / ``triton`` (routing metadata inside the timed step; Triton on CUDA only).
-* ``scattermoe``: ScatterMoE's MLP when ``--scattermoe-path`` names a folder holding its source (a
-  local copy, never committed; CUDA only).
+* ``scattermoe``: ScatterMoE's MLP (GLUMLP with ``--gated``) when ``--scattermoe-path`` names a folder
+  holding its source (a local copy, never committed), given the same expert weights.
+
+Before timing, every MoE column's output must equal ``ours_torch``'s to within the rounding of the dtype
+(``difference`` in the JSON): a column that computes something else is reported as an error, not timed.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` above what the inputs hold, in MiB (``null`` on CPU).
 Defaults are the issue's shapes (T=16384, d=2048, d_ff=8192, E=8, k=1, bf16, G=1..64) on a GPU;
-``--tiny`` picks shapes a CPU runs in seconds (fp32). Prints a table, writes ``bench_expert_block.json``.
+``--tiny`` picks shapes a CPU runs in seconds (fp32), where the Triton columns run only under
+``TRITON_INTERPRET=1`` (a check of their wiring; interpreter times mean nothing). Prints a table, writes
+``bench_expert_block.json``.
 """
 
 from __future__ import annotations
@@ -44,9 +49,14 @@ from provenance import provenance  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
+# TRITON_INTERPRET=1 on a CPU: the Triton columns (ours, ScatterMoE) run under Triton's interpreter
+INTERPRETED = not ON_CUDA and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ISSUE_SHAPES = dict(tokens=16384, d_model=2048, d_ff=8192, experts=8, topk=1, gs="1,4,16,64")
 TINY_SHAPES = dict(tokens=64, d_model=32, d_ff=128, experts=4, topk=1, gs="1,2,4")
 IMPLS = ("dense", "loop", "grouped_mm", "ours_torch", "ours_triton", "scattermoe")
+# Largest output deviation from ours_torch (relative to its largest entry) for a column to count as the
+# same work: the rounding of 16-bit activations and weights, or of TF32 dots in fp32
+SAME_WORK_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
 
 def measure_ms(fn, cpu_reps: int = 3) -> float:
@@ -105,7 +115,8 @@ def activate(h: torch.Tensor, gated: bool) -> torch.Tensor:
 
 
 def make_step(name: str, args, granularity: int, dtype: torch.dtype):
-    """A closure running forward + backward of ``name`` at granularity G, or None where it does not run."""
+    """``(step, forward)`` of ``name`` at granularity G: forward + backward, and the forward's output alone
+    (for the equal-work check); None where the column does not run."""
     generator = torch.Generator().manual_seed(granularity)
     tokens, d, num_experts, topk = args.tokens, args.d_model, args.experts * granularity, args.topk * granularity
     expert_hidden = args.d_ff // granularity
@@ -121,7 +132,11 @@ def make_step(name: str, args, granularity: int, dtype: torch.dtype):
     if name == "dense":
         w1 = weights(d, args.topk * args.d_ff * width, fan_in=d)
         w2 = weights(args.topk * args.d_ff, d, fan_in=args.d_ff)
-        return lambda: (activate(x @ w1, args.gated) @ w2).backward(grad)
+
+        def dense_forward():
+            return activate(x @ w1, args.gated) @ w2
+
+        return lambda: dense_forward().backward(grad), dense_forward
 
     w1 = weights(num_experts, d, expert_hidden * width, fan_in=d)
     w2 = weights(num_experts, expert_hidden, d, fan_in=expert_hidden)
@@ -140,40 +155,62 @@ def make_step(name: str, args, granularity: int, dtype: torch.dtype):
         ends = counts.cumsum(0).to(torch.int32)
         split = counts.tolist()
 
-        def step():
+        def sorted_forward():
             rows = x[token_of_row]
             if name == "loop":
                 out = torch.cat([activate(r @ w1[e], args.gated) @ w2[e] for e, r in enumerate(rows.split(split))])
             else:
                 out = torch._grouped_mm(activate(torch._grouped_mm(rows, w1, offs=ends), args.gated), w2, offs=ends)
-            torch.zeros_like(x).index_add(0, token_of_row, out * gate_of_row).backward(grad)
+            return torch.zeros_like(x).index_add(0, token_of_row, out * gate_of_row)
 
-        return step
+        return lambda: sorted_forward().backward(grad), sorted_forward
 
     if name in ("ours_torch", "ours_triton"):
-        if name == "ours_triton" and not ON_CUDA:
+        if name == "ours_triton" and not (ON_CUDA or INTERPRETED):
             return None
         ops = kernels_for(name.removeprefix("ours_"), DEVICE)
         activation = F.silu if args.gated else F.gelu
         weight = gates.reshape(-1)
 
-        def step():
+        def ours_forward():
             plan = ops.dispatch_plan(flat, token_offsets, num_experts)
             rows = ops.grouped_mlp(x, plan.tokens_per_expert, w1, w2, activation, args.gated, plan.source_token)
-            ops.combine(rows, weight, plan.row_of_assignment, token_offsets).backward(grad)
+            return ops.combine(rows, weight, plan.row_of_assignment, token_offsets)
 
-        return step
+        return lambda: ours_forward().backward(grad), ours_forward
 
     if name == "scattermoe":
-        if not (ON_CUDA and args.scattermoe_path and not args.gated):
+        if not ((ON_CUDA or INTERPRETED) and args.scattermoe_path):
             return None
         sys.path.insert(0, args.scattermoe_path)
-        from scattermoe.mlp import MLP
+        from scattermoe.mlp import MLP, GLUMLP
 
-        mlp = MLP(input_size=d, hidden_size=expert_hidden, num_experts=num_experts, top_k=topk,
-                  activation=torch.nn.GELU()).to(DEVICE, dtype)
-        return lambda: mlp(x, gates, index).backward(grad)
+        if args.gated:  # ScatterMoE's GLU: [linear | activated] halves; ours: [activated | linear]
+            mlp = GLUMLP(input_size=d, hidden_size=expert_hidden, num_experts=num_experts, top_k=topk,
+                         activation=torch.nn.SiLU())
+            fc1 = torch.cat([w1[..., expert_hidden:], w1[..., :expert_hidden]], dim=-1)
+        else:
+            mlp = MLP(input_size=d, hidden_size=expert_hidden, num_experts=num_experts, top_k=topk,
+                      activation=torch.nn.GELU())
+            fc1 = w1
+        mlp = mlp.to(DEVICE, dtype)
+        with torch.no_grad():  # the same experts as every other column ([E, out, in] there)
+            mlp.experts.weight.copy_(fc1.transpose(1, 2))
+            mlp.output_experts.weight.copy_(w2.transpose(1, 2))
+
+        def scattermoe_forward():
+            return mlp(x, gates, index)
+
+        return lambda: scattermoe_forward().backward(grad), scattermoe_forward
     raise ValueError(name)
+
+
+def difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest deviation relative to the largest entry (NaN when either holds a NaN)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if actual.shape != expected.shape or actual.isnan().any() or expected.isnan().any():
+        return float("nan")
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 def main(argv=None):
@@ -205,14 +242,24 @@ def main(argv=None):
     }
     print(json.dumps(info))
     impls = args.impls.split(",")
+    tolerance = SAME_WORK_TOLERANCE[dtype]
     rows = []
     for granularity in (int(g) for g in args.gs.split(",")):
+        with torch.no_grad():
+            expected = make_step("ours_torch", args, granularity, dtype)[1]()
         for name in impls:
             row = {"G": granularity, "impl": name}
             try:
-                step = make_step(name, args, granularity, dtype)
-                if step is None:
+                column = make_step(name, args, granularity, dtype)
+                if column is None:
                     continue
+                step, forward = column
+                if name != "dense":  # the same function of the same inputs, or no timing
+                    with torch.no_grad():
+                        row["difference"] = significant(difference(forward(), expected), 3)
+                    if not row["difference"] <= tolerance:
+                        raise ValueError(f"output differs from ours_torch's by {row['difference']} "
+                                         f"(tolerance {tolerance:g}): not the same work")
                 ms = measure_ms(step)
                 tflops = flops / (ms * 1e-3) / 1e12
                 row.update(ms=significant(ms), TFLOPs=significant(tflops), peak_MiB=peak_memory_mib(step))
@@ -224,7 +271,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     write_json(Path(args.out) / "bench_expert_block.json", {"info": info, "rows": rows})
     print_table(rows, impls)
-    return rows
+    return 1 if any("error" in row for row in rows) else 0
 
 
 def print_table(rows, impls):
@@ -250,4 +297,4 @@ def print_table(rows, impls):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
