@@ -143,10 +143,9 @@ def check(args) -> list:
                     continue
                 seen = set()
                 for name, constants, kernel in launches:
-                    key = (name, json.dumps(constants, sort_keys=True, default=str))
-                    if key in seen:
+                    if kernel.hash in seen:  # the same binary (same constants, strides and alignments)
                         continue
-                    seen.add(key)
+                    seen.add(kernel.hash)
                     usage = resources(kernel)
                     passed = usage["spill_bytes"] == 0 and usage["shared_bytes"] <= SHARED_MEMORY_LIMIT
                     rows.append({"dtype": dtype_name, "G": g, **shape, "kernel": name,

@@ -161,6 +161,9 @@ def check_layer_config(config, router_type: str) -> None:
         "--moe-router-force-load-balancing is not supported": config.moe_router_force_load_balancing,
         "--moe-apply-probs-on-input is not supported": config.moe_apply_probs_on_input,
         "--moe-layer-recompute is not supported": config.moe_layer_recompute,
+        "--recompute-modules moe is not supported": (
+            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or [])
+        ),
     }
     problems = [msg for msg, bad in unsupported.items() if bad]
     if problems:

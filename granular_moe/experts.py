@@ -70,7 +70,7 @@ class GroupedExperts(torch.nn.Module):
     def _initialize_slice_of_all_experts(self, first_expert: int) -> None:
         """``--use-cpu-initialization`` on a GPU machine: Megatron's expert RNG stream forks CUDA generators
         only, and every expert-parallel rank's CPU generator holds the same state, so the layer's experts are
-        all drawn on every rank (as Megatron's CPU initialisation does) and each rank keeps its own."""
+        all drawn on every rank and each rank keeps its own (the same weights at any expert-parallel size)."""
         config, total = self.config, self.config.num_moe_experts
         for weight, init in ((self.weight1, config.init_method), (self.weight2, config.output_layer_init_method)):
             every_expert = torch.empty(total, *weight.shape[1:], dtype=weight.dtype)

@@ -95,10 +95,17 @@ def expert_groups_from_megatron() -> ExpertParallelGroups:
     from deepspeed.utils import groups as ds_groups
     from megatron.core import parallel_state
 
-    if _GROUPS is not None:
-        return _GROUPS
     if not parallel_state.model_parallel_is_initialized():
         raise ParallelLayoutError("megatron-core's model-parallel state is not initialised")
+    if _GROUPS is not None:
+        megatron_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()))
+        if megatron_ranks != _GROUPS.expert_parallel_ranks:
+            raise ParallelLayoutError(
+                f"megatron-core's expert-parallel ranks {megatron_ranks} are not those of the expert groups "
+                f"already built {_GROUPS.expert_parallel_ranks}: call granular_moe.parallel."
+                f"destroy_model_parallel() before initialising another layout"
+            )
+        return _GROUPS
     expert_tensor = parallel_state.get_expert_tensor_parallel_world_size()
     if expert_tensor != 1:
         raise ParallelLayoutError(

@@ -1,6 +1,8 @@
 """Checkpoints: a save killed midway leaves the previous checkpoint and the tracker intact; a save replaces
 an earlier run's checkpoint of the same iteration safely; loading refuses another parallel layout."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -75,6 +77,10 @@ def test_a_save_replaces_a_checkpoint_of_the_same_iteration(gloo_world, tmp_path
     assert latest_checkpoint(tmp_path).name == "iter_0000004.replaced"
     assert load_checkpoint(tmp_path, fresh, fresh_optimizer, LAYOUT) == TrainingState(4, 64)
     torch.testing.assert_close(fresh.weight, earlier.weight)
+    save_checkpoint(tmp_path, TrainingState(2, 32), model, optimizer, LAYOUT)  # the next save puts it back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    shutil.rmtree(tmp_path / "iter_0000002")
 
     save_checkpoint(tmp_path, TrainingState(4, 64), model, optimizer, LAYOUT)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "latest_checkpointed_iteration.txt"]

@@ -76,6 +76,29 @@ def test_disagreeing_groups_stop_the_start_naming_both_layouts():
     assert "megatron-core [((0, 1), (0, 2))," in messages[0]
 
 
+def relayout_worker(rank, world_size):
+    """Groups built for EP 2, then megatron-core alone re-initialised for EP 1."""
+    from megatron.core import parallel_state
+
+    from granular_moe import parallel
+
+    parallel.initialize_model_parallel(expert=2)
+    same = parallel.expert_groups_from_megatron()  # the same layout: the groups already built
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=1)
+    try:
+        parallel.expert_groups_from_megatron()
+    except ParallelLayoutError as error:
+        return same.expert_parallel_ranks, str(error)
+    return same.expert_parallel_ranks, None
+
+
+def test_groups_of_an_earlier_layout_are_not_handed_out():
+    for ranks, message in run_distributed(relayout_worker, 2):
+        assert ranks == (0, 1)
+        assert message is not None and "call granular_moe.parallel.destroy_model_parallel()" in message
+
+
 @pytest.mark.parametrize(
     "sizes, message",
     [

@@ -90,6 +90,15 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys, yaml_text, 
     assert not (tmp_path / "run").exists()
 
 
+def test_config_file_null_leaves_a_flag_unset(tmp_path):
+    from granular_moe.training.arguments import parse_args
+
+    config = tmp_path / "job.yaml"
+    config.write_text("moe-router-dtype: null\ndistributed-backend: null\n")
+    args = parse_args(TINY + ["--config", str(config)])
+    assert args.moe_router_dtype is None and args.distributed_backend is None
+
+
 def torchrun(argv, entry, **env):
     environment = dict(os.environ, GRANULAR_MOE_ENTRY=entry, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **env)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -159,7 +159,7 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
             raise GranularMoEConfigError(f"--config {path}: unknown setting {key!r}")
         action = known[dest]
         value = action.type(value) if action.type is not None and isinstance(value, str) else value
-        if action.choices is not None and value not in action.choices:
+        if action.choices is not None and value is not None and value not in action.choices:
             raise GranularMoEConfigError(
                 f"--config {path}: {action.option_strings[0]} {value!r} is not valid; valid values: "
                 f"{', '.join(str(choice) for choice in action.choices)}"

@@ -89,8 +89,14 @@ def save_checkpoint(save: Path, state: TrainingState, model, optimizer, layout: 
     rank = dist.get_rank()
     if rank == 0:
         save.mkdir(parents=True, exist_ok=True)
-        if staging.exists():  # left by a killed save
-            shutil.rmtree(staging)
+        for partial in save.glob("iter_*.tmp"):  # left by killed saves
+            shutil.rmtree(partial)
+        for moved in save.glob("iter_*.replaced"):  # left by a save killed while replacing a checkpoint
+            original = moved.with_suffix("")
+            if original.exists():
+                shutil.rmtree(moved)
+            else:
+                os.replace(moved, original)
         staging.mkdir()
     dist.barrier()
     shard = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_states()}

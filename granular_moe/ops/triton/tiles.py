@@ -52,14 +52,15 @@ def row_gemm_tiles(
 
     ``block_m`` follows the mean rows per expert, so small experts waste few masked rows at their last
     tile. A wide epilogue holds several fp32 tiles at once (a gated forward's two accumulators; the
-    activation backward's gradient, saved pre-activations and their derivative), so its tiles are half as
-    wide and spread over 8 warps: at 128 x 128 on 8 warps that epilogue spills registers on sm_90
-    (``benchmarks/kernel_resources.py``).
+    activation backward's gradient, saved pre-activations and their derivative), and 32-bit operands take
+    twice the registers, so both get tiles half as wide, spread over 8 warps: at 128 x 128 on 8 warps they
+    spill registers on sm_90 (``benchmarks/kernel_resources.py``).
     """
+    half_width = wide_epilogue or dtype.itemsize > 2
     block_m = _pow2_between(rows_per_expert, 16, 128)
-    block_n = _pow2_between(n, 16, 64 if wide_epilogue else 128)
+    block_n = _pow2_between(n, 16, 64 if half_width else 128)
     block_k = _pow2_between(k, 16, _max_depth(dtype))
-    num_warps = 8 if block_m * block_n >= (64 * 64 if wide_epilogue else 128 * 128) else 4
+    num_warps = 8 if block_m * block_n >= (64 * 64 if half_width else 128 * 128) else 4
     return GemmTiles(block_m, block_n, block_k, num_warps, num_stages=3)
 
 
