@@ -213,15 +213,28 @@ def difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke run")
+def add_shape_arguments(parser: argparse.ArgumentParser, d_ff: bool = True) -> None:
+    """The expert-block shape flags the kernel benchmarks share; unset ones take the issue's shapes, or the
+    small ones with ``--tiny`` (:func:`fill_shape_defaults`)."""
+    parser.add_argument("--tiny", action="store_true", help="small shapes a CPU runs in seconds")
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--d-model", type=int)
-    parser.add_argument("--d-ff", type=int)
+    if d_ff:
+        parser.add_argument("--d-ff", type=int)
     parser.add_argument("--experts", type=int, help="experts before granularity (E)")
     parser.add_argument("--topk", type=int, help="top-k before granularity")
     parser.add_argument("--gs", help="granularities, comma separated")
+
+
+def fill_shape_defaults(args: argparse.Namespace, issue_shapes: dict, tiny_shapes: dict) -> None:
+    for key, value in (tiny_shapes if args.tiny else issue_shapes).items():
+        if getattr(args, key, value) is None:
+            setattr(args, key, value)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser)
     parser.add_argument("--gated", action="store_true", help="SwiGLU experts instead of GELU")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--loop-max-experts", type=int, default=128)
@@ -230,9 +243,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_expert_block.json")
     args = parser.parse_args(argv)
-    for key, value in (TINY_SHAPES if args.tiny else ISSUE_SHAPES).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_shape_defaults(args, ISSUE_SHAPES, TINY_SHAPES)
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
     flops = 3 * 2 * args.tokens * args.topk * args.d_model * args.d_ff * (3 if args.gated else 2)
     info = provenance() | {

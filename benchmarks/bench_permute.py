@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from bench_expert_block import (
-    DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, measure_ms, routing, significant, write_json,
+    DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, add_shape_arguments, fill_shape_defaults, measure_ms, routing,
+    significant, write_json,
 )
 from granular_moe.ops import kernels_for
 from provenance import provenance
@@ -71,17 +72,10 @@ def make_op(op: str, backend: str, tokens: int, d: int, num_experts: int, topk: 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke run")
-    parser.add_argument("--tokens", type=int)
-    parser.add_argument("--d-model", type=int)
-    parser.add_argument("--experts", type=int, help="experts before granularity (E)")
-    parser.add_argument("--topk", type=int, help="top-k before granularity")
-    parser.add_argument("--gs", help="granularities, comma separated")
+    add_shape_arguments(parser, d_ff=False)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_permute.json")
     args = parser.parse_args(argv)
-    for key, value in (TINY_SHAPES if args.tiny else ISSUE_SHAPES).items():
-        if hasattr(args, key) and getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_shape_defaults(args, ISSUE_SHAPES, TINY_SHAPES)
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
     info = provenance() | {
         "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "d_model": args.d_model,

@@ -38,6 +38,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from bench_expert_block import add_shape_arguments, fill_shape_defaults  # noqa: E402
 from granular_moe.ops import reference  # noqa: E402
 from granular_moe.ops.triton import grouped_gemm, movement, routing  # noqa: E402
 from provenance import provenance  # noqa: E402
@@ -162,19 +163,11 @@ def tile_label(constants: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="small shapes for a quick check")
-    parser.add_argument("--tokens", type=int)
-    parser.add_argument("--d-model", type=int)
-    parser.add_argument("--d-ff", type=int)
-    parser.add_argument("--experts", type=int, help="experts before granularity (E)")
-    parser.add_argument("--topk", type=int, help="top-k before granularity")
-    parser.add_argument("--gs", help="granularities, comma separated")
+    add_shape_arguments(parser)
     parser.add_argument("--dtypes", default="bf16", help=f"comma separated, of {', '.join(DTYPES)}")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernel_resources.json")
     args = parser.parse_args(argv)
-    for key, value in (TINY_SHAPES if args.tiny else ISSUE_SHAPES).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_shape_defaults(args, ISSUE_SHAPES, TINY_SHAPES)
     rows = check(args)
     print(f"Triton {triton.__version__} kernels compiled for sm_90 (H100/H200), shared memory limit "
           f"{SHARED_MEMORY_LIMIT // 1024} KiB; tokens {args.tokens}, d_model {args.d_model}, d_ff {args.d_ff}, "
