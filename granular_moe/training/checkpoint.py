@@ -108,9 +108,7 @@ def save_checkpoint(save: Path, state: TrainingState, model, optimizer, layout: 
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
         _sync(staging / "metadata.json")
         _sync(staging)
-        if final.exists():
-            if _replaced(final).exists():
-                shutil.rmtree(_replaced(final))
+        if final.exists():  # no iter_N.replaced is left at this point: tidied above
             os.replace(final, _replaced(final))
         os.replace(staging, final)
         _sync(save)
