@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_expert_block import relative_error  # noqa: E402
 from granular_moe.ops import kernels_for, reference  # noqa: E402
 from provenance import provenance  # noqa: E402
 
@@ -84,13 +85,6 @@ def expert_block(kernels, x, weight1, weight2, gates, expert_index, token_offset
     activation = F.silu if case.gated else F.gelu
     rows = kernels.grouped_mlp(x, plan.tokens_per_expert, weight1, weight2, activation, case.gated, plan.source_token)
     return kernels.combine(rows, gates, plan.row_of_assignment, token_offsets), plan
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if actual.isnan().any() or expected.isnan().any():
-        return float("nan")
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)) if expected.numel() else 0.0
 
 
 def block_inputs(case: Case, generator: torch.Generator) -> list[torch.Tensor]:
