@@ -1,6 +1,6 @@
 """granular-moe: fine-grained Mixture-of-Experts for Megatron-core and DeepSpeed.
 
-Install with ``bash install.sh`` (it handles torch's CPU build, DeepSpeed's build and the PyPI 'apex' trap).
+Install with ``bash install.sh`` (it picks a Python >= 3.12 and handles DeepSpeed's build and the PyPI 'apex' trap).
 """
 
 from pathlib import Path
@@ -9,15 +9,15 @@ from setuptools import find_packages, setup
 
 setup(
     name="granular-moe",
-    version="0.1.0",
+    version="0.2.0",
     description="Fine-grained Mixture-of-Experts layers, kernels and launchers for Megatron-core and DeepSpeed",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["granular_moe", "granular_moe.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.12",
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16,<0.17",
+        "megatron-core>=0.19,<0.20",
         # DeepSpeed's build imports torch: install it with --no-build-isolation after torch (install.sh).
         "deepspeed>=0.16",
         "triton>=3.0; platform_system == 'Linux'",

@@ -1,6 +1,9 @@
 """granular-moe: fine-grained Mixture-of-Experts layers for Megatron-core and DeepSpeed."""
 
-__version__ = "0.1.0"
+from granular_moe.stack import check_stack
+
+__version__ = "0.2.0"
+check_stack()
 
 _LAZY = {
     "GranularMoELayer": "granular_moe.layer",

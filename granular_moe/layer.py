@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,10 +18,19 @@ from granular_moe.parallel import ParallelLayoutError, expert_parallel_groups
 from granular_moe.router import RoutingStats, build_router
 
 
+@dataclass
+class GranularMoESubmodules:
+    """What the layer builds besides its router and experts: megatron-core's shared-expert builder
+    (``MoESubmodules.shared_experts``), used when the config sets ``moe_shared_expert_intermediate_size``."""
+
+    shared_experts: Optional[Callable] = None
+
+
 class GranularMoELayer(MegatronModule):
     """Router -> dispatch -> grouped expert MLPs -> combine, on ``[s, b, h]`` hidden states.
 
-    Built from a ``ModuleSpec`` (see :mod:`granular_moe.megatron`) with a ``TransformerConfig`` whose
+    Built by megatron-core's ``TransformerLayer`` from the builder :func:`granular_moe.megatron.granular_moe_spec`
+    gives (it calls ``mlp(config=, pg_collection=, is_mtp_layer=, name=)``), with a ``TransformerConfig`` whose
     ``num_moe_experts``, ``moe_router_topk`` and ``moe_ffn_hidden_size`` already hold the fine-grained
     values (:func:`granular_moe.config.apply_granularity`). ``forward`` returns ``(output, None)`` like
     Megatron's MLPs. Parameters: ``router.weight [num_experts, hidden]``,
@@ -45,9 +55,11 @@ class GranularMoELayer(MegatronModule):
     def __init__(
         self,
         config,
-        submodules=None,
+        submodules: Optional[GranularMoESubmodules] = None,
         layer_number: Optional[int] = None,
         pg_collection=None,
+        is_mtp_layer: bool = False,
+        name: Optional[str] = None,
         router_type: str = "token_choice",
         kernels: str = "auto",
     ):

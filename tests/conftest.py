@@ -36,8 +36,9 @@ def gloo_world():
 def fresh_megatron_moe_state():
     """Megatron's aux-loss scale and tracker are global: every test starts from scale 1.0 and no tracker
     (the tracker is sized by the first model's layer count)."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    get_moe_layer_wise_logging_tracker().clear()
+    destroy_moe_metrics_tracker()
     yield

@@ -1,10 +1,16 @@
-"""The CPU shims: needed without a GPU, inert with one."""
+"""The CPU shims: each needed without a GPU (megatron-core fails there without it), each inert with one."""
 
+import importlib
+import inspect
+import re
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
+
+from granular_moe.megatron.cpu_shims import CUDA_LITERAL_MODULES
 
 
 def run_python(code: str) -> str:
@@ -18,23 +24,26 @@ def test_shims_change_nothing_on_a_gpu_build():
         """
         import torch
         torch.cuda.is_available = lambda: True   # what a GPU build reports
-        from megatron.core import utils
-        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-        from megatron.core.models.common.language_module.language_module import LanguageModule
-        from megatron.core.tensor_parallel import layers, mappings, random
-        def megatron_state():
-            return (utils.GlobalMemoryBuffer.get_tensor, random.CudaRNGStatesTracker,
-                    random._CUDA_RNG_STATE_TRACKER, LanguageModule.setup_embeddings_and_output_layer, torch.Tensor.cuda,
-                    RotaryEmbedding.get_emb, torch.cuda.current_device, mappings._gather_along_first_dim,
-                    mappings._gather_along_last_dim, mappings._reduce_scatter_along_first_dim,
-                    layers.LinearWithGradAccumulationAndAsyncCommunication.backward)
-        before = megatron_state()
-        from granular_moe.megatron.cpu_shims import apply_cpu_shims, cpu_shims_applied
+        from megatron.core.optimizer import clip_grads, optimizer
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.tensor_parallel import random
+        from granular_moe.megatron.cpu_shims import CUDA_LITERAL_MODULES, apply_cpu_shims, cpu_shims_applied
+        import importlib
+        def state():
+            cuda = [getattr(torch.cuda, name) for name in ("current_device", "synchronize", "Stream", "Event",
+                                                          "current_stream", "default_stream", "stream")]
+            modules = [importlib.import_module(name).torch for name in CUDA_LITERAL_MODULES]
+            readers = [DistributedOptimizer.__init__, optimizer.Float16OptimizerWithFloat16Params.__init__,
+                       clip_grads.clip_grad_by_total_norm_fp32, optimizer.clip_grad_by_total_norm_fp32]
+            return cuda + modules + readers + [torch.Tensor.cuda, torch.Tensor.type, random.CudaRNGStatesTracker,
+                                               random._CUDA_RNG_STATE_TRACKER]
+        before = state()
         applied = apply_cpu_shims()
-        print(applied, cpu_shims_applied(), all(a is b for a, b in zip(before, megatron_state())))
+        print(applied, cpu_shims_applied(), all(a is b for a, b in zip(before, state())), len(before))
         """
     )
-    assert out.split() == ["False", "False", "True"]
+    assert out.split()[:3] == ["False", "False", "True"]
+    assert int(out.split()[3]) == 7 + len(CUDA_LITERAL_MODULES) + 4 + 4
 
 
 def test_megatron_needs_the_shims_on_this_cpu():
@@ -43,17 +52,28 @@ def test_megatron_needs_the_shims_on_this_cpu():
         """
         import torch
         from megatron.core import tensor_parallel
+        from megatron.core.optimizer import clip_grads
         from megatron.core.utils import GlobalMemoryBuffer
         seed = lambda: tensor_parallel.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
-        for label, call in [("buffer", lambda: GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")),
-                            ("seed", seed)]:
+        calls = [("buffer", lambda: GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")), ("seed", seed),
+                 ("literal", lambda: clip_grads.torch.zeros(1, device="cuda")),
+                 ("stream", lambda: torch.cuda.Stream()), ("synchronize", torch.cuda.synchronize),
+                 ("cuda", lambda: torch.ones(1).cuda())]
+        for label, call in calls:
             try:
                 call(); print(label, "ok")
             except (AssertionError, RuntimeError):
                 print(label, "fails")
         from granular_moe.megatron.cpu_shims import apply_cpu_shims
-        assert apply_cpu_shims()
+        assert apply_cpu_shims() and apply_cpu_shims()  # idempotent
         print(tuple(GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x").shape))
+        print(clip_grads.torch.zeros(2, device="cuda").device, clip_grads.torch.zeros(2).device)
+        x = torch.ones(3)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            stream.wait_stream(torch.cuda.current_stream())
+        torch.cuda.synchronize()
+        print(x.cuda() is x, torch.cuda.current_device())
         tensor_parallel.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
         tracker = tensor_parallel.get_cuda_rng_tracker()
         outside = torch.get_rng_state()
@@ -65,10 +85,42 @@ def test_megatron_needs_the_shims_on_this_cpu():
         print("fork", bool(not torch.equal(a, b)))   # the forked stream advances
         """
     )
-    assert out.split("\n")[:4] == ["buffer fails", "seed fails", "(2, 3)", "fork True"]
+    lines = out.splitlines()
+    assert lines[:6] == [f"{label} fails" for label in ("buffer", "seed", "literal", "stream", "synchronize", "cuda")]
+    assert lines[6:] == ["(2, 3)", "cpu cpu", "True cpu", "fork True"]
 
 
-def test_rotary_embeddings_need_the_shim_and_stay_on_the_cpu():
+@pytest.mark.parametrize("module", CUDA_LITERAL_MODULES)
+def test_each_module_given_a_cpu_torch_allocates_on_a_literal_cuda_device(module):
+    source = inspect.getsource(importlib.import_module(module))
+    assert re.search(r"""device=["']cuda["']""", source), f"{module} no longer allocates on device='cuda'"
+
+
+def test_optimizers_see_cuda_type_names_only_while_they_check_them():
+    out = run_python(
+        """
+        import torch
+        from megatron.core.optimizer import clip_grads
+        from granular_moe.megatron.cpu_shims import apply_cpu_shims
+        params = [torch.nn.Parameter(torch.ones(4))]
+        params[0].grad = torch.full((4,), 2.0)
+        try:
+            clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=4.0); print("fails not")
+        except AssertionError:
+            print("clip fails")
+        apply_cpu_shims()
+        clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=4.0)
+        print(params[0].grad.tolist(), params[0].type(), torch.ones(1).type(torch.float64).dtype)
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "clip fails"
+    grads, type_name, converted = lines[1].rsplit(" ", 2)
+    assert eval(grads) == pytest.approx([2.0 / (4.0 + 1e-6)] * 4)  # clipped as megatron-core clips
+    assert (type_name, converted) == ("torch.FloatTensor", "torch.float64")  # restored after the call
+
+
+def test_rotary_embeddings_stay_on_the_cpu():
     out = run_python(
         """
         import torch
@@ -80,12 +132,10 @@ def test_rotary_embeddings_need_the_shim_and_stay_on_the_cpu():
             print("fails")
         from granular_moe.megatron.cpu_shims import apply_cpu_shims
         assert apply_cpu_shims()
-        current_device = torch.cuda.current_device
         emb = rope.get_emb(4)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
         expected = torch.outer(torch.arange(4, dtype=torch.float32), inv_freq)
-        print(list(emb.shape), emb.device.type, rope.inv_freq.device.type,
-              torch.allclose(emb[:, 0, 0, :4], expected), torch.cuda.current_device is current_device)
+        print(list(emb.shape), emb.device.type, rope.inv_freq.device.type, torch.allclose(emb[:, 0, 0, :4], expected))
         """
     )
-    assert out.splitlines() == ["fails", "[4, 1, 1, 8] cpu cpu True True"]
+    assert out.splitlines() == ["fails", "[4, 1, 1, 8] cpu cpu True"]

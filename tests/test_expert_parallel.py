@@ -85,7 +85,8 @@ def distributed_worker(rank, world_size, tp, ep, cases, megatron_lm=False):
     import argparse
 
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     from granular_moe.megatron.megatron_lm import granular_moe_decoder_block_spec
     from granular_moe.parallel import initialize_model_parallel
@@ -114,7 +115,8 @@ def distributed_worker(rank, world_size, tp, ep, cases, megatron_lm=False):
         out, _ = layer(x)
         (out * projection).sum().backward()
         traffic = getattr(layer.dispatcher, "traffic", None)
-        tracked_z = get_moe_layer_wise_logging_tracker().get("z_loss", {}).get("values")
+        z_entry = get_moe_metrics_tracker().metrics.get("z_loss")
+        tracked_z = None if z_entry is None else z_entry.values
         results.append(
             {
                 "out": out.detach(),

@@ -1,6 +1,7 @@
 """Megatron-LM integration: the no-patch wrapper (on a fake Megatron-LM tree), argument translation with
-Megatron-LM's flag names, and the patch. With MEGATRON_LM_DIR pointing at a core_v0.16.1 checkout, the patch
-is also applied to it and both routes build a GPT with Megatron-LM's own parser and builder."""
+Megatron-LM's flag names, and the patch. With MEGATRON_LM_DIR pointing at a core_v0.19.0 checkout, the patch
+is also applied to it and both routes run Megatron-LM's own pretrain_gpt.py __main__ (its parser, model config
+and GPTModelBuilder) up to the built model."""
 
 import argparse
 import json
@@ -14,67 +15,70 @@ from pathlib import Path
 import pytest
 from megatron.core.transformer.mlp import MLP
 
-from granular_moe import GranularMoELayer
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.megatron import megatron_lm
 from granular_moe.megatron.megatron_lm import (
     granular_moe_args_provider,
     granular_moe_decoder_block_spec,
-    with_granular_moe_args,
+    with_granular_moe_spec,
 )
+from granular_moe.megatron.spec import is_granular_moe
 
 ROOT = Path(__file__).resolve().parents[1]
-PATCH = ROOT / "patches" / "megatron-lm-core_v0.16.1-granular-moe.patch"
+PATCH = ROOT / "patches" / "core_v0.19.0" / "megatron-lm-granular-moe.patch"
 MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
 
 FAKE_TRAINING = '''
-"""A fake megatron.training: pretrain parses a few Megatron-LM flags and builds the model's spec."""
+"""A fake megatron.training: pretrain builds the spec of the model config it is given."""
+RESULTS = {}
+
+
+def pretrain(full_config, dataset_provider=None, model_type=None, forward_step=None, **kwargs):
+    RESULTS["config"] = full_config
+    spec = full_config.transformer_layer_spec
+    RESULTS["spec"] = spec(full_config, vp_stage=None) if callable(spec) else spec
+'''
+FAKE_ARGUMENTS = '''
+"""A fake megatron.training.arguments: parse_and_validate_args parses a few Megatron-LM flags."""
 import argparse
 
-RESULTS = {}
-_ARGS = None
 
-
-def get_args():
-    return _ARGS
-
-
-def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
-             process_non_loss_data_func=None, extra_args_provider=None, args_defaults={}):
-    global _ARGS
+def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
     parser = argparse.ArgumentParser(allow_abbrev=False)
     for name in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size",
-                 "--num-experts", "--moe-ffn-hidden-size"):
+                 "--num-experts", "--moe-ffn-hidden-size", "--mtp-num-layers"):
         parser.add_argument(name, type=int, default=None)
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
     parser.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parser.add_argument("--spec", nargs=2, default=None)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
-    _ARGS = RESULTS["args"] = parser.parse_args()
-    RESULTS["spec"] = model_provider()
+    return parser.parse_args()
 '''
-FAKE_BUILDERS = '''
-"""A fake gpt_builders.py: the MoE branch of Megatron-LM's gpt_builder."""
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+FAKE_ARGUMENT_UTILS = '''
+"""A fake megatron.training.argument_utils: gpt_config_from_args makes a GPTModelConfig-like object."""
+import types
+
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
-    config = TransformerConfig(
+def gpt_config_from_args(args, config=None, model_config_cls=None):
+    transformer = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size, num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_layer_freq=args.moe_layer_freq, add_bias_linear=False,
+        transformer_impl="local", mtp_num_layers=args.mtp_num_layers,
     )
-    if args.num_experts:
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm",
-                                          qk_l2_norm=False, vp_stage=vp_stage)
-    return None
+    return types.SimpleNamespace(transformer=transformer, restore_modelopt_state=False,
+                                 transformer_layer_spec=None if args.spec is None else tuple(args.spec))
 '''
 FAKE_PRETRAIN_GPT = '''
-"""A fake pretrain_gpt.py: its __main__ calls pretrain with a ModelOpt-like extra_args_provider."""
-from gpt_builders import gpt_builder
-from megatron.training import get_args, pretrain
+"""A fake pretrain_gpt.py: its __main__ parses with a ModelOpt-like extra_args_provider and pretrains the
+config gpt_config_from_args makes, as Megatron-LM core_v0.19.0's does."""
+from megatron.training import RESULTS, pretrain
+from megatron.training.argument_utils import gpt_config_from_args
+from megatron.training.arguments import parse_and_validate_args
 
 
 def add_modelopt_args(parser):
@@ -82,12 +86,10 @@ def add_modelopt_args(parser):
     return parser
 
 
-def model_provider(pre_process=True, post_process=True):
-    return gpt_builder(get_args(), pre_process, post_process)
-
-
 if __name__ == "__main__":
-    pretrain(None, model_provider, None, None, args_defaults={}, extra_args_provider=add_modelopt_args)
+    args = RESULTS["args"] = parse_and_validate_args(extra_args_provider=add_modelopt_args, args_defaults={})
+    model_cfg = gpt_config_from_args(args)
+    pretrain(model_cfg, None, None, None)
 '''
 
 
@@ -100,9 +102,10 @@ def fake_checkout(tmp_path, monkeypatch, gloo_world):
     (tmp_path / "megatron" / "training").mkdir(parents=True)
     (tmp_path / "megatron" / "core").mkdir()
     (tmp_path / "megatron" / "training" / "__init__.py").write_text(FAKE_TRAINING)
+    (tmp_path / "megatron" / "training" / "arguments.py").write_text(FAKE_ARGUMENTS)
+    (tmp_path / "megatron" / "training" / "argument_utils.py").write_text(FAKE_ARGUMENT_UTILS)
     (tmp_path / "megatron" / "core" / "package_info.py").write_text(
         f"MAJOR = {package_info.MAJOR}\nMINOR = {package_info.MINOR}\nPATCH = 0\n")
-    (tmp_path / "gpt_builders.py").write_text(FAKE_BUILDERS)
     (tmp_path / "pretrain_gpt.py").write_text(FAKE_PRETRAIN_GPT)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -111,7 +114,8 @@ def fake_checkout(tmp_path, monkeypatch, gloo_world):
     yield tmp_path
     import megatron
 
-    for name in ("megatron.training", "gpt_builders", "pretrain_gpt"):
+    for name in ("megatron.training", "megatron.training.arguments", "megatron.training.argument_utils",
+                 "pretrain_gpt"):
         sys.modules.pop(name, None)
     if "training" in vars(megatron):
         delattr(megatron, "training")
@@ -128,12 +132,13 @@ def run_wrapper(checkout, *argv):
 def test_wrapper_adds_the_flags_and_uses_the_granular_spec(fake_checkout):
     results = run_wrapper(fake_checkout, "--num-experts", "4", "--moe-router-topk", "1", "--moe-granularity", "4",
                           "--moe-router-type", "expert_choice", "--moe-kernels", "torch", "--fake-modelopt-flag", "3")
-    args = results["args"]
-    assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size) == (16, 4, 16)
-    assert args.fake_modelopt_flag == 3  # pretrain_gpt's own extra_args_provider still runs
+    assert results["args"].fake_modelopt_flag == 3  # pretrain_gpt's own extra_args_provider still runs
+    transformer = results["config"].transformer
+    assert (transformer.num_moe_experts, transformer.moe_router_topk, transformer.moe_ffn_hidden_size) == (16, 4, 16)
     mlps = [layer.submodules.mlp for layer in results["spec"].layer_specs]
-    assert [mlp.module for mlp in mlps] == [GranularMoELayer, GranularMoELayer]
-    assert mlps[0].params == {"router_type": "expert_choice", "kernels": "torch"}
+    assert all(is_granular_moe(mlp) for mlp in mlps)
+    assert {k: mlps[0].keywords[k] for k in ("router_type", "kernels")} == {"router_type": "expert_choice",
+                                                                             "kernels": "torch"}
     assert sys.argv[0] == str(fake_checkout / "pretrain_gpt.py")
     assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "127.0.0.1"
 
@@ -142,7 +147,13 @@ def test_wrapper_keeps_dense_layers_dense(fake_checkout, monkeypatch):
     monkeypatch.setenv("MEGATRON_LM_DIR", str(fake_checkout))
     assert megatron_lm.main([*MODEL, "--num-experts", "2", "--moe-layer-freq", "2"]) == 0
     spec = sys.modules["megatron.training"].RESULTS["spec"]
-    assert [layer.submodules.mlp.module for layer in spec.layer_specs] == [GranularMoELayer, MLP]
+    kinds = [layer.submodules.mlp for layer in spec.layer_specs]
+    assert is_granular_moe(kinds[0]) and kinds[1].func.__self__ is MLP
+
+
+def test_wrapper_leaves_dense_models_to_megatron(fake_checkout):
+    results = run_wrapper(fake_checkout)
+    assert results["spec"] is None and results["config"].transformer_layer_spec is None
 
 
 def test_wrapper_translation_errors_surface(fake_checkout):
@@ -150,11 +161,21 @@ def test_wrapper_translation_errors_surface(fake_checkout):
         run_wrapper(fake_checkout, "--moe-granularity", "2")
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--spec", "my.module", "my_spec"], "--spec"),
+    (["--mtp-num-layers", "1"], "--mtp-num-layers"),
+])
+def test_what_cannot_carry_the_layer_is_refused_by_name(fake_checkout, argv, flag):
+    with pytest.raises(GranularMoEConfigError, match=re.escape(flag)):
+        run_wrapper(fake_checkout, "--num-experts", "4", *argv)
+
+
 @pytest.mark.parametrize("setup, expected", [
     (lambda path: None, "pass --megatron-lm-dir PATH (or set MEGATRON_LM_DIR)"),
-    (lambda path: (path / "gpt_builders.py").unlink(), "is not a Megatron-LM checkout (no gpt_builders.py)"),
-    (lambda path: (path / "megatron" / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 9\n"),
-     "holds megatron-core 0.9, but"),
+    (lambda path: (path / "pretrain_gpt.py").unlink(),
+     "is not a Megatron-LM core_v0.19.0 checkout (no pretrain_gpt.py)"),
+    (lambda path: (path / "megatron" / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 16\n"),
+     "holds megatron-core 0.16, but"),
 ])
 def test_wrapper_rejects_a_missing_or_mismatched_checkout(fake_checkout, setup, expected):
     setup(fake_checkout)
@@ -163,16 +184,20 @@ def test_wrapper_rejects_a_missing_or_mismatched_checkout(fake_checkout, setup, 
         megatron_lm.main(argv)
 
 
-def test_with_granular_moe_args_binds_positional_providers_and_needs_the_parameter():
-    seen = []
+def test_the_spec_is_attached_once(gloo_world):
+    from helpers import moe_config
 
-    def pretrain(datasets, model, model_type, forward, process=None, extra_args_provider=None):
-        seen.append(extra_args_provider(argparse.ArgumentParser()))
+    config = types_namespace(transformer=moe_config(2, num_experts=4, topk=1), transformer_layer_spec=None)
+    args = argparse.Namespace(num_experts=8, spec=None, moe_router_type="token_choice", moe_kernels="torch")
+    first = with_granular_moe_spec(config, args).transformer_layer_spec
+    # a patched pretrain_gpt.py run through the wrapper attaches it twice
+    assert with_granular_moe_spec(config, args).transformer_layer_spec is first
 
-    with_granular_moe_args(pretrain)(1, 2, 3, 4, None, lambda parser: parser)
-    assert "--moe-granularity" in seen[0]._option_string_actions
-    with pytest.raises(GranularMoEConfigError, match="takes no extra_args_provider"):
-        with_granular_moe_args(lambda datasets, model: None)
+
+def types_namespace(**fields):
+    import types
+
+    return types.SimpleNamespace(restore_modelopt_state=False, **fields)
 
 
 # --------------------------------------------------------------------------- argument translation
@@ -264,9 +289,10 @@ def test_decoder_block_spec_helper_reads_router_and_kernels_from_args(gloo_world
     config = moe_config(2, num_experts=4, topk=1)
     spec = granular_moe_decoder_block_spec(argparse.Namespace(moe_router_type="expert_choice", moe_kernels="torch"),
                                            config, use_transformer_engine=False, normalization="LayerNorm")
-    assert spec.layer_specs[0].submodules.mlp.params == {"router_type": "expert_choice", "kernels": "torch"}
-    defaults = granular_moe_decoder_block_spec(argparse.Namespace(), config, False)
-    assert defaults.layer_specs[1].submodules.mlp.params == {"router_type": "token_choice", "kernels": "auto"}
+    chosen = spec.layer_specs[0].submodules.mlp.keywords
+    assert (chosen["router_type"], chosen["kernels"]) == ("expert_choice", "torch")
+    defaults = granular_moe_decoder_block_spec(argparse.Namespace(), config, False).layer_specs[1].submodules.mlp
+    assert (defaults.keywords["router_type"], defaults.keywords["kernels"]) == ("token_choice", "auto")
 
 
 # --------------------------------------------------------------------------- the patch
@@ -291,36 +317,32 @@ def patch_files():
     return files
 
 
-def test_patch_touches_pretrain_gpt_and_the_moe_branch_of_gpt_builder():
+def test_patch_touches_the_parser_and_the_model_config_of_pretrain_gpt():
     files = patch_files()
-    assert sorted(files) == ["gpt_builders.py", "pretrain_gpt.py"]
-    for hunks in files.values():
-        for hunk in hunks:
-            assert hunk["counts"] == (len(hunk["old"]), len(hunk["new"])), "hunk line counts match its lines"
-    builder_hunk = files["gpt_builders.py"][1]
-    assert builder_hunk["where"].strip().startswith("def gpt_builder(")
-    assert "            elif args.num_experts:" in builder_hunk["old"]
-    assert "                transformer_layer_spec = get_gpt_decoder_block_spec(" in builder_hunk["old"]
-    main_hunk = files["pretrain_gpt.py"][1]
-    assert main_hunk["where"].strip() == 'if __name__ == "__main__":'
+    assert sorted(files) == ["pretrain_gpt.py"]
+    hunks = files["pretrain_gpt.py"]
+    for hunk in hunks:
+        assert hunk["counts"] == (len(hunk["old"]), len(hunk["new"])), "hunk line counts match its lines"
+    assert [hunk["where"].strip() for hunk in hunks[1:]] == ['if __name__ == "__main__":'] * 2
+    assert "    args = parse_and_validate_args(" in hunks[1]["old"]
+    assert "        model_cfg = gpt_config_from_args(args)" in hunks[2]["old"]
+    added = sum(len(hunk["new"]) - len(hunk["old"]) for hunk in hunks)
+    assert added == 2  # an import and the spec line; the provider line is changed in place
 
 
 def test_patch_calls_our_helpers_with_signatures_they_have():
     import inspect
 
     added = "\n".join(line for hunks in patch_files().values() for hunk in hunks for line in hunk["new"])
-    imports = re.findall(r"^from granular_moe\.megatron\.megatron_lm import (\w+)$", added, re.M)
-    assert sorted(imports) == ["granular_moe_args_provider", "granular_moe_decoder_block_spec"]
-    builder = "\n".join(patch_files()["gpt_builders.py"][1]["new"])
-    call = re.search(r"granular_moe_decoder_block_spec\((.*?)\n\s*\)", builder, re.S).group(1)
-    positional = [a.strip() for a in call.split(",") if a.strip() and "=" not in a]
-    keywords = re.findall(r"(\w+)=", call)
-    assert positional == ["args", "config"] and keywords == ["use_transformer_engine", "normalization", "qk_l2_norm",
-                                                             "vp_stage"]
-    inspect.signature(granular_moe_decoder_block_spec).bind(*positional, **dict.fromkeys(keywords))
+    imported = re.search(r"^from granular_moe\.megatron\.megatron_lm import (.+)$", added, re.M).group(1)
+    assert sorted(name.strip() for name in imported.split(",")) == ["granular_moe_args_provider",
+                                                                   "with_granular_moe_spec"]
     provider_call = re.search(r"extra_args_provider=granular_moe_args_provider\((.*)\),$", added, re.M)
     assert provider_call.group(1) == "add_modelopt_args if has_nvidia_modelopt else None"
     inspect.signature(granular_moe_args_provider).bind(None)
+    spec_call = re.search(r"^    with_granular_moe_spec\((.*)\)$", added, re.M).group(1)
+    assert spec_call == "model_cfg, args"
+    inspect.signature(with_granular_moe_spec).bind("model_cfg", "args")
 
 
 def test_patch_applies_to_the_text_it_expects(tmp_path):
@@ -334,48 +356,55 @@ def test_patch_applies_to_the_text_it_expects(tmp_path):
 # --------------------------------------------------------------------------- against a real checkout
 
 CHECKOUT_SCRIPT = textwrap.dedent('''
-    import json, os, sys, warnings
+    """Megatron-LM's pretrain_gpt.py __main__ (patched, or through the wrapper) with pretrain stopped once
+    Megatron-LM's GPTModelBuilder has built the model from the config pretrain_gpt.py made."""
+    import json, os, runpy, sys, warnings
     warnings.simplefilter("ignore")
-    mode = sys.argv[1]
-    sys.argv = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                "--num-experts", "4", "--moe-granularity", "4", "--moe-router-topk", "1", "--ffn-hidden-size", "256",
-                "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
-                "--transformer-impl", "local", "--disable-bias-linear", "--tokenizer-type", "NullTokenizer",
-                "--vocab-size", "128", "--moe-router-type", "expert_choice", "--no-persist-layer-norm",
-                "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion"]
+    mode, checkout, first = sys.argv[1:4]
+    FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-experts", "4",
+             "--moe-granularity", "4", "--moe-router-topk", "1", "--ffn-hidden-size", "256", "--seq-length", "64",
+             "--max-position-embeddings", "64", "--micro-batch-size", "2", "--transformer-impl", "local",
+             "--disable-bias-linear", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+             "--moe-router-type", "expert_choice", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+             "--no-masked-softmax-fusion", "--no-bias-dropout-fusion", "--use-cpu-initialization", "--mock-data",
+             "--train-iters", "1"]
     import torch.distributed as dist
-    from granular_moe import GranularMoELayer
+    import megatron.training
+        from granular_moe.megatron import megatron_lm
     from granular_moe.megatron.cpu_shims import apply_cpu_shims
-    from granular_moe.megatron.megatron_lm import granular_moe_args_provider, use_granular_moe_spec
     from granular_moe.training.launch import distributed_env
-    import gpt_builders
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
-    from megatron.training.global_vars import set_args
+
+
+    def pretrain(full_config, *args, **kwargs):
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        dist.init_process_group("gloo", init_method=distributed_env().init_method, rank=0, world_size=1)
+        apply_cpu_shims()
+        parallel_state.initialize_model_parallel()
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        model_config = full_config.model
+        model = model_config.get_builder_cls()(model_config).build_model(
+            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        layers = [m for m in model.modules() if isinstance(m, GranularMoELayer)]
+        print(json.dumps({"experts": model_config.transformer.num_moe_experts,
+                          "topk": model_config.transformer.moe_router_topk, "layers": len(layers),
+                          "router": layers[0].router_type, "weight1": list(layers[0].experts.weight1.shape)}))
+
+
+    megatron.training.pretrain = pretrain
     if mode == "patched":
-        import pretrain_gpt
-        provider = pretrain_gpt.granular_moe_args_provider(None)
+        sys.path[:0] = [first, checkout]
+        sys.argv = [os.path.join(first, "pretrain_gpt.py"), *FLAGS]
+        runpy.run_path(sys.argv[0], run_name="__main__")
     else:
-        provider = granular_moe_args_provider(None)
-        use_granular_moe_spec(gpt_builders)
-    args = parse_args(extra_args_provider=provider)
-    args.padded_vocab_size = 128
-    validate_args(args, {})
-    args.use_cpu_initialization = True
-    set_args(args)
-    where = distributed_env()
-    dist.init_process_group("gloo", init_method=where.init_method, rank=0, world_size=1)
-    apply_cpu_shims()
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    model = gpt_builders.gpt_builder(args, True, True, config=core_transformer_config_from_args(args))
-    layers = [m for m in model.modules() if isinstance(m, GranularMoELayer)]
-    print(json.dumps({"experts": args.num_experts, "topk": args.moe_router_topk, "layers": len(layers),
-                      "router": layers[0].router_type, "weight1": list(layers[0].experts.weight1.shape)}))
+        megatron_lm.main(["--megatron-lm-dir", checkout, *FLAGS])
 ''')
+NEEDS_CHECKOUT = pytest.mark.skipif(MEGATRON_LM_DIR is None,
+                                    reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.19.0 checkout")
 
 
-@pytest.mark.skipif(MEGATRON_LM_DIR is None, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout")
+@NEEDS_CHECKOUT
 def test_patch_applies_to_the_checkout():
     forward = subprocess.run(
         ["git", "-C", MEGATRON_LM_DIR, "apply", "--check", str(PATCH)], capture_output=True, text=True
@@ -385,24 +414,23 @@ def test_patch_applies_to_the_checkout():
     assert forward.returncode == 0 or applied.returncode == 0, forward.stderr
 
 
-@pytest.mark.skipif(MEGATRON_LM_DIR is None, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout")
+@NEEDS_CHECKOUT
 @pytest.mark.parametrize("mode", ["patched", "wrapper"])
 def test_megatron_lm_builds_a_granular_gpt(mode, tmp_path):
     checkout = Path(MEGATRON_LM_DIR)
     first = checkout
     if mode == "patched":
-        already = (
-            subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)]).returncode == 0
-        )
+        already = subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)],
+                                 capture_output=True).returncode == 0
         if not already:
-            for name in ("pretrain_gpt.py", "gpt_builders.py"):
-                (tmp_path / name).write_text((checkout / name).read_text())
+            (tmp_path / "pretrain_gpt.py").write_text((checkout / "pretrain_gpt.py").read_text())
             subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
             first = tmp_path
-    path = os.pathsep.join([str(first), str(checkout), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(checkout), str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", CHECKOUT_SCRIPT, mode], env={**env, "PYTHONPATH": path},
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", CHECKOUT_SCRIPT, mode, str(checkout), str(first)],
+                            env={**env, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     built = json.loads(result.stdout.strip().splitlines()[-1])
     assert built == {"experts": 16, "topk": 4, "layers": 2, "router": "expert_choice", "weight1": [16, 64, 64]}

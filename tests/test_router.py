@@ -5,11 +5,8 @@ import functools
 
 import pytest
 import torch
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 
 import reference_moe as ref
 from granular_moe import GranularMoELayer
@@ -84,10 +81,10 @@ def test_losses_go_to_megatrons_tracker_under_its_names():
     config, layer, x = layer_and_input()
     clear_aux_losses_tracker()
     layer(x)
-    tracker = get_moe_layer_wise_logging_tracker()
-    assert float(tracker["load_balancing_loss"]["values"][1]) == pytest.approx(float(layer.stats.load_balancing_loss))
-    assert float(tracker["z_loss"]["values"][1]) == pytest.approx(float(layer.stats.z_loss))
-    assert float(tracker["z_loss"]["values"][0]) == 0.0
+    tracker = get_moe_metrics_tracker().metrics
+    assert float(tracker["load_balancing_loss"].values[1]) == pytest.approx(float(layer.stats.load_balancing_loss))
+    assert float(tracker["z_loss"].values[1]) == pytest.approx(float(layer.stats.z_loss))
+    assert float(tracker["z_loss"].values[0]) == 0.0
     clear_aux_losses_tracker()
 
 

@@ -1,51 +1,143 @@
-"""What megatron-core 0.16's GPT model needs to run on a CPU (gloo), applied only where no GPU is present.
+"""What megatron-core 0.19 needs to run on a CPU (gloo), applied only where no GPU is present.
 
-Two CUDA-only spots stand in the way of every model (build it with ``use_cpu_initialization=True``),
-a third one of pipeline-parallel models with tied embeddings, and a fourth one of models with rotary
-position embeddings or sequence parallelism:
+megatron-core's model, DDP, optimizers, pipeline schedules and distributed checkpoints reach for CUDA in a
+few ways, each of which fails on a machine without a GPU. :func:`apply_cpu_shims` answers each with its CPU
+equivalent; every shim replaces a call that would otherwise raise, so on a CPU-only machine it changes no
+result, and on a machine with a GPU :func:`apply_cpu_shims` does nothing at all.
 
-1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
-   (attention's matmul buffer): the shim allocates on the CPU instead.
-2. The RNG tracker (``get_cuda_rng_tracker().fork()``, used for dropout and initialisation) stores and
-   swaps CUDA generator states: the shim's tracker keeps CPU generator states with the same names and
-   seeds, so Megatron's own ``model_parallel_cuda_manual_seed`` works unchanged.
-3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the last stage's copy of the tied embedding
-   to CUDA before all-reducing it from the first stage: the shim keeps it where it is.
-4. ``RotaryEmbedding.get_emb`` moves its CPU ``inv_freq`` to ``torch.cuda.current_device()`` at the first
-   forward (``--position-embedding-type rope``), and the sequence-parallel gathers and reduce-scatters of
-   ``tensor_parallel.mappings`` and of the parallel linear layers' backward allocate their outputs there:
-   for these calls the shim makes ``torch.cuda.current_device()`` name the CPU.
+1. ``torch.cuda.current_device()`` (where buffers, gradient buckets, rotary tables and sequence-parallel
+   gathers are allocated) names the CPU; ``torch.cuda.synchronize()`` returns at once; ``torch.cuda.Stream``,
+   ``Event``, ``current_stream()`` and ``stream()`` are stand-ins that run work in order (the CPU has one
+   stream); ``Tensor.cuda()`` returns the tensor where it is.
+2. Allocations on a literal ``device="cuda"`` (the optimizers' overflow flags and loss scales, gradient
+   clipping's norms, the schedules' token counts, distributed checkpointing's exchange buffers, the DDP
+   buffer's warm-up tensor) go to the CPU: those modules see a ``torch`` whose factory functions
+   (``tensor``, ``zeros``, ``empty``, ...) map a CUDA device to the CPU. Nothing else in them changes.
+3. The mixed-precision and distributed optimizers sort parameters by ``param.type()`` and accept only CUDA
+   tensor types, as does gradient clipping: while they are built, and while gradients are clipped, a CPU
+   tensor's ``type()`` reads as its CUDA counterpart.
+4. The RNG tracker (``get_cuda_rng_tracker().fork()``, used for dropout and initialisation) keeps CPU
+   generator states with the same names and seeds, so Megatron's ``model_parallel_cuda_manual_seed`` works
+   unchanged.
 
-On a machine with a GPU :func:`apply_cpu_shims` changes nothing.
+Build models with ``use_cpu_initialization=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import operator
+import importlib
+import types
 
 import torch
-from megatron.core import utils as megatron_utils
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.tensor_parallel import layers as megatron_layers
-from megatron.core.tensor_parallel import mappings as megatron_mappings
 from megatron.core.tensor_parallel import random as megatron_random
 
-_ORIGINAL_GET_TENSOR = megatron_utils.GlobalMemoryBuffer.get_tensor
 _ORIGINAL_TRACKER = megatron_random.CudaRNGStatesTracker
-_ORIGINAL_SETUP_EMBEDDINGS = LanguageModule.setup_embeddings_and_output_layer
+
+# megatron-core modules that allocate on a literal device="cuda"
+CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.utils",
+)
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
+              "full_like", "rand", "randn")
 
 
-def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-    """``GlobalMemoryBuffer.get_tensor`` with the buffer on the CPU."""
-    numel = functools.reduce(operator.mul, tensor_shape, 1)
-    buffer = self.buffer.get((name, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype, requires_grad=False)
-    return buffer[:numel].view(*tensor_shape)
+def _on_cpu(device):
+    """``device`` with CUDA mapped to the CPU."""
+    if device is None:
+        return None
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.device("cpu") if kind == "cuda" else device
+
+
+def _cpu_factory(factory):
+    @functools.wraps(factory)
+    def allocate(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _on_cpu(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return allocate
+
+
+class TorchOnCpu(types.ModuleType):
+    """The ``torch`` module as one megatron-core module sees it on a CPU: the same, but for factory
+    functions that put a CUDA device on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        return _cpu_factory(value) if name in _FACTORIES else value
+
+
+class CpuStream:
+    """``torch.cuda.Stream`` on a CPU: work runs in order, so waiting is immediate."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or CpuEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class CpuEvent:
+    """``torch.cuda.Event`` on a CPU: recorded work is already done."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_STREAM = CpuStream()
+_CUDA_STAND_INS = {
+    "current_device": lambda: torch.device("cpu"),
+    "synchronize": lambda device=None: None,
+    "Stream": CpuStream,
+    "Event": CpuEvent,
+    "current_stream": lambda device=None: _STREAM,
+    "default_stream": lambda device=None: _STREAM,
+    "stream": lambda stream=None: contextlib.nullcontext(),
+}
+
+
+def _tensor_stays(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+    """``Tensor.cuda`` on a CPU: the tensor stays where it is."""
+    return self
 
 
 class CpuRNGStatesTracker(_ORIGINAL_TRACKER):
@@ -73,6 +165,18 @@ class CpuRNGStatesTracker(_ORIGINAL_TRACKER):
             torch.set_rng_state(outer_state)
 
 
+_ORIGINAL_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """``Tensor.type()`` naming a CPU tensor's CUDA counterpart (``torch.FloatTensor`` reads
+    ``torch.cuda.FloatTensor``); with a ``dtype`` it converts as usual."""
+    if dtype is None and not kwargs:
+        name = _ORIGINAL_TYPE(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+    return _ORIGINAL_TYPE(self, dtype, non_blocking, **kwargs)
+
+
 def _while_patched(function, owner, name: str, replacement):
     """``function`` with ``owner.name`` replaced by ``replacement`` for the duration of each call (the
     patched megatron-core code runs on one thread per process)."""
@@ -90,43 +194,38 @@ def _while_patched(function, owner, name: str, replacement):
     return patched
 
 
-def _with_cpu_current_device(function):
-    """``function`` with ``torch.cuda.current_device()`` naming the CPU during each call."""
-    return _while_patched(function, torch.cuda, "current_device", lambda: "cpu")
+def _cuda_type_readers():
+    """(owner, attribute) of the megatron-core functions that check ``Tensor.type()`` for CUDA names."""
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-
-# Megatron's setup with ``Tensor.cuda`` a no-op during it.
-_cpu_setup_embeddings_and_output_layer = _while_patched(
-    _ORIGINAL_SETUP_EMBEDDINGS, torch.Tensor, "cuda", lambda tensor, *args, **kwargs: tensor
-)
-
-
-# (owner, attribute) of the megatron-core functions that allocate on torch.cuda.current_device()
-_CURRENT_DEVICE_USERS = (
-    (RotaryEmbedding, "get_emb"),
-    (megatron_mappings, "_gather_along_first_dim"),
-    (megatron_mappings, "_gather_along_last_dim"),
-    (megatron_mappings, "_reduce_scatter_along_first_dim"),
-    (megatron_layers.LinearWithGradAccumulationAndAsyncCommunication, "backward"),
-)
+    return (
+        (DistributedOptimizer, "__init__"),
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        (clip_grads, "clip_grad_by_total_norm_fp32"),
+        (optimizer, "clip_grad_by_total_norm_fp32"),  # imported there by name
+    )
 
 
 def cpu_shims_applied() -> bool:
-    return megatron_utils.GlobalMemoryBuffer.get_tensor is _cpu_get_tensor
+    return torch.Tensor.cuda is _tensor_stays
 
 
 def apply_cpu_shims() -> bool:
-    """Apply the shims when no GPU is present; returns whether they are in place."""
+    """Apply the shims when no GPU is present; returns whether they are in place. Idempotent."""
     if torch.cuda.is_available():
         return False
-    megatron_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
-    LanguageModule.setup_embeddings_and_output_layer = _cpu_setup_embeddings_and_output_layer
-    for owner, name in _CURRENT_DEVICE_USERS:
+    for name, stand_in in _CUDA_STAND_INS.items():
+        setattr(torch.cuda, name, stand_in)
+    torch.Tensor.cuda = _tensor_stays
+    for module_name in CUDA_LITERAL_MODULES:
+        module = importlib.import_module(module_name)
+        if not isinstance(module.torch, TorchOnCpu):
+            module.torch = TorchOnCpu()
+    for owner, name in _cuda_type_readers():
         function = getattr(owner, name)
         if not hasattr(function, "cpu_shim_of"):
-            shimmed = _with_cpu_current_device(function)
-            is_static = isinstance(inspect.getattr_static(owner, name), staticmethod)
-            setattr(owner, name, staticmethod(shimmed) if is_static else shimmed)
+            setattr(owner, name, _while_patched(function, torch.Tensor, "type", _cuda_type_name))
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tracker = megatron_random._CUDA_RNG_STATE_TRACKER
     if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):
