@@ -12,10 +12,6 @@ from megatron.core import parallel_state
 from granular_moe.ops import kernels_for
 
 
-class ExpertCheckpointMismatch(RuntimeError):
-    """A checkpoint's experts are not the ones this rank owns (the expert-parallel layout changed)."""
-
-
 def _expert_rng():
     """Megatron's expert-parallel RNG stream when seeded (each expert-parallel rank draws its own experts,
     expert-data-parallel replicas the same ones), else the default generator."""
@@ -32,8 +28,8 @@ class GroupedExperts(torch.nn.Module):
     Parameters (the public layout checkpoint tools rely on):
     ``weight1 [num_local_experts, hidden, expert_hidden]`` (``2 * expert_hidden`` with a gated linear
     unit: activation input first, linear gate second) and ``weight2 [num_local_experts, expert_hidden,
-    hidden]``. The buffer ``global_expert_ids`` is saved with them and checked on load, so a checkpoint
-    always says which global experts it holds.
+    hidden]``. The buffer ``global_expert_ids`` (not saved) names the global experts this rank holds;
+    checkpoints place them by it (:meth:`sharded_state_dict`), so they load at any expert-parallel size.
     """
 
     def __init__(self, config, num_local_experts: int, first_expert: int = 0, kernels: str = "auto"):
@@ -63,7 +59,8 @@ class GroupedExperts(torch.nn.Module):
             # Expert weights: gradients are reduced over the expert-data-parallel group only.
             weight.allreduce = False
         self.register_buffer(
-            "global_expert_ids", torch.arange(first_expert, first_expert + num_local_experts, device=device)
+            "global_expert_ids", torch.arange(first_expert, first_expert + num_local_experts, device=device),
+            persistent=False,
         )
 
     @torch.no_grad()
@@ -90,16 +87,6 @@ class GroupedExperts(torch.nn.Module):
             x, weight1, weight2 = x.to(dtype), weight1.to(dtype), weight2.to(dtype)
         ops = kernels_for(self.kernels, x.device)
         return ops.grouped_mlp(x, tokens_per_expert, weight1, weight2, self.activation, self.gated, gather_index)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        saved = state_dict.get(prefix + "global_expert_ids")
-        if saved is not None and not torch.equal(saved.cpu(), self.global_expert_ids.cpu()):
-            raise ExpertCheckpointMismatch(
-                f"{prefix}: the checkpoint holds experts {saved.tolist()} but this rank owns "
-                f"{self.global_expert_ids.tolist()}: the expert-parallel layout changed; load through "
-                f"megatron-core's distributed checkpoint (sharded_state_dict) to reshard"
-            )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Megatron distributed-checkpoint view: each weight is a shard of the layer's global

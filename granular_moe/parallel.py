@@ -43,43 +43,27 @@ class ExpertParallelGroups:
 _GROUPS: Optional[ExpertParallelGroups] = None
 
 
-def check_parallel_layout(world_size: int, tensor: int, pipeline: int, expert: int) -> int:
-    """Validate the sizes against the world; returns the data-parallel size."""
-    for flag, size in (
-        ("--tensor-model-parallel-size", tensor),
-        ("--pipeline-model-parallel-size", pipeline),
-        ("--expert-model-parallel-size", expert),
-    ):
-        if size < 1:
-            raise ParallelLayoutError(f"{flag} must be >= 1, got {size}")
-    if world_size % (tensor * pipeline):
-        raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tensor} x "
-            f"--pipeline-model-parallel-size {pipeline}"
-        )
-    stage = world_size // pipeline
-    if stage % expert:
-        valid = ", ".join(str(d) for d in range(1, stage + 1) if stage % d == 0)
-        raise ParallelLayoutError(
-            f"--expert-model-parallel-size {expert} does not divide the {stage} ranks of a pipeline stage "
-            f"(world {world_size} / --pipeline-model-parallel-size {pipeline}); valid values: {valid}"
-        )
-    return world_size // (tensor * pipeline)
-
-
-def initialize_model_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1) -> ExpertParallelGroups:
+def initialize_model_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1,
+                              virtual_pipeline: Optional[int] = None,
+                              num_experts: Optional[int] = None) -> ExpertParallelGroups:
     """megatron-core's parallel state (expert tensor parallel 1) and DeepSpeed's expert groups, checked equal.
 
-    Needs an initialised ``torch.distributed`` default group.
+    Needs an initialised ``torch.distributed`` default group. ``virtual_pipeline``: model chunks per pipeline
+    rank (interleaved 1F1B); ``num_experts``, when given, is checked against ``expert``.
     """
     from megatron.core import parallel_state
 
-    check_parallel_layout(dist.get_world_size(), tensor, pipeline, expert)
+    from granular_moe.training.layout import parallel_size_problems
+
+    problems = parallel_size_problems(dist.get_world_size(), tensor, pipeline, expert, num_experts)
+    if problems:
+        raise ParallelLayoutError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         expert_model_parallel_size=expert,
         expert_tensor_parallel_size=1,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
     )
     return expert_groups_from_megatron()
 
@@ -91,7 +75,6 @@ def expert_groups_from_megatron() -> ExpertParallelGroups:
     Collective over all ranks (it creates process groups); returns the existing groups when called again.
     """
     global _GROUPS
-    import deepspeed
     from deepspeed.utils import groups as ds_groups
     from megatron.core import parallel_state
 
@@ -112,7 +95,7 @@ def expert_groups_from_megatron() -> ExpertParallelGroups:
             f"--expert-tensor-parallel-size {expert_tensor} is not supported; valid values: 1"
         )
     expert = parallel_state.get_expert_model_parallel_world_size()
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    _deepspeed_comm_over_torch_distributed()
     ds_groups.mpu = parallel_state
     name = f"ep_size_{expert}"
     if name not in ds_groups._get_expert_parallel_group_dict():
@@ -126,6 +109,25 @@ def expert_groups_from_megatron() -> ExpertParallelGroups:
     _check_against_megatron(groups, parallel_state)
     _GROUPS = groups
     return groups
+
+
+def _deepspeed_comm_over_torch_distributed() -> None:
+    """Point DeepSpeed's communication layer at the process group torch.distributed already has, without the
+    CPU shared-memory collective op ``deepspeed.init_distributed`` builds on a machine without a GPU: only
+    DeepSpeed's group helpers are used here, and that op's compile (first use on a machine) leaves a lock
+    under the torch extensions folder which hangs every later job if the compile is killed."""
+    import importlib
+
+    import deepspeed
+
+    deepspeed_torch = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm.torch is torch itself
+
+    build_shm_op = deepspeed_torch.build_shm_op
+    deepspeed_torch.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+    finally:
+        deepspeed_torch.build_shm_op = build_shm_op
 
 
 def _check_against_megatron(groups: ExpertParallelGroups, parallel_state) -> None:

@@ -23,12 +23,13 @@ exec "$python" -m granular_moe.training.launch torchrun --script "${BASH_SOURCE[
 : <<'pass'
 '''
 # Python: one rank of the job. (The last line ends the bash here-document that hides this part from
-# bash parsers.)
+# bash parsers.) Guarded: megatron-core's checkpoint writer starts helper processes that import this file.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from granular_moe.training.launch import run_worker  # noqa: E402
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from granular_moe.training.launch import run_worker
 
-sys.exit(run_worker(sys.argv[1:]))
+    sys.exit(run_worker(sys.argv[1:]))
 pass

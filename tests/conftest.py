@@ -4,7 +4,6 @@ import os
 import socket
 
 import pytest
-import torch
 import torch.distributed as dist
 
 
@@ -34,11 +33,11 @@ def gloo_world():
 
 @pytest.fixture(autouse=True)
 def fresh_megatron_moe_state():
-    """Megatron's aux-loss scale and tracker are global: every test starts from scale 1.0 and no tracker
-    (the tracker is sized by the first model's layer count)."""
+    """Megatron's aux-loss scale and tracker are global: every test starts from no scale (1 at the first
+    backward) and no tracker (the tracker is sized by the first model's layer count)."""
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # megatron-core's own start (1 at the first backward)
     destroy_moe_metrics_tracker()
     yield

@@ -1,5 +1,6 @@
-"""One training step of the main job's model on gloo processes equals the single-process step: data,
-expert and pipeline parallelism (the last shows the router losses reach every stage's routers)."""
+"""One training step of the main job's engine (megatron-core's DDP, optimizer and pipeline schedules) on gloo
+processes equals the single-process step: data, expert and pipeline parallelism (1F1B, and interleaved 1F1B
+on three stages), the distributed optimizer; tensor parallelism with and without sequence parallelism."""
 
 import re
 
@@ -8,20 +9,18 @@ import torch
 
 from distributed import run_distributed
 from granular_moe.training.arguments import parse_args
-from granular_moe.training.gradients import finalize_gradients
-from granular_moe.training.model import build_model, transformer_config_from_args
-from granular_moe.training.schedule import PipelineStage, forward_backward
 
 VOCAB, SEQ, MICRO, MICRO_BATCHES = 64, 16, 2, 4
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
          "--num-experts", "4", "--moe-router-topk", "1", "--moe-granularity", "4", "--micro-batch-size", str(MICRO),
-         "--moe-aux-loss-coeff", "0.1", "--moe-z-loss-coeff", "0.01", "--seed", "3"]
+         "--global-batch-size", str(MICRO * MICRO_BATCHES), "--moe-aux-loss-coeff", "0.1",
+         "--moe-z-loss-coeff", "0.01", "--seed", "3", "--clip-grad", "0", "--train-iters", "10"]
 
 
-def micro_batches():
+def micro_batches(count=MICRO_BATCHES):
     generator = torch.Generator().manual_seed(11)
-    tokens = torch.randint(0, VOCAB, (MICRO_BATCHES, MICRO, SEQ + 1), generator=generator)
-    mask = (torch.rand(MICRO_BATCHES, MICRO, SEQ, generator=generator) > 0.1).float()
+    tokens = torch.randint(0, VOCAB, (count, MICRO, SEQ + 1), generator=generator)
+    mask = (torch.rand(count, MICRO, SEQ, generator=generator) > 0.1).float()
     return [
         {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": m, "position_ids": torch.arange(SEQ).expand(MICRO, SEQ)}
         for t, m in zip(tokens, mask)
@@ -29,92 +28,111 @@ def micro_batches():
 
 
 def global_name(name: str, layer_offset: int) -> str:
-    """A stage's parameter name in the single-stage model (layers renumbered; the last stage's copy of
-    the tied embedding is the embedding)."""
+    """A chunk's parameter name in the single-chunk model (layers renumbered; the last stage's copy of the
+    tied embedding is the embedding)."""
     name = re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
     return "embedding.word_embeddings.weight" if name == "output_layer.weight" else name
 
 
-def step_gradients(model, args, batches):
-    stage = PipelineStage(model.config, SEQ, MICRO, torch.device("cpu"))
-    loss = forward_backward(model, batches, stage)
-    finalize_gradients(model)
-    return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+def engine_step(flags, state=None):
+    """Build this rank's engine (weights from ``state`` when given), take one training step on this
+    data-parallel rank's micro-batches; the loss and every parameter's reduced gradient by global name."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from granular_moe.parallel import initialize_model_parallel
+    from granular_moe.training.engine import build_engine, train_step
+    from granular_moe.training.layout import check_layout
+    from granular_moe.training.model import build_model_chunks, transformer_config_from_args
+
+    args = parse_args(MODEL + flags)
+    layout = check_layout(args, torch.distributed.get_world_size())
+    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              args.expert_model_parallel_size, virtual_pipeline=layout.virtual_pipeline)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    config = transformer_config_from_args(args)
+    chunks = build_model_chunks(args, config, VOCAB)
+    offsets = [get_transformer_layer_offset(config, vp_stage=chunk.vp_stage) for chunk in chunks]
+    if state is not None:
+        with torch.no_grad():
+            for chunk, offset in zip(chunks, offsets):
+                for name, param in chunk.named_parameters():
+                    full = state[global_name(name, offset)]
+                    if name.endswith(("experts.weight1", "experts.weight2")):
+                        full = full[chunk.get_submodule(name.rsplit(".", 1)[0]).global_expert_ids]
+                    param.copy_(full)
+    initial = {} if state is not None else {
+        global_name(n, offset): p.detach().clone() for chunk, offset in zip(chunks, offsets)
+        for n, p in chunk.named_parameters()}
+    engine = build_engine(args, config, VOCAB, chunks)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    batches = micro_batches(args.global_batch_size // MICRO)[dp_rank::dp_size]
+    step = train_step(engine, batches, torch.device("cpu"))
+    grads, after, expert_ids = {}, {}, {}
+    for chunk, offset in zip(engine.modules, offsets):
+        for name, param in chunk.named_parameters():
+            grads[global_name(name, offset)] = param.main_grad.clone()
+            after[global_name(name, offset)] = param.detach().clone()
+        expert_ids.update({global_name(n, offset): m.global_expert_ids for n, m in chunk.named_modules()
+                           if hasattr(m, "global_expert_ids")})
+    return {"loss": step.loss, "grads": grads, "after": after, "expert_ids": expert_ids, "weights": initial,
+            "marked": {n for chunk in engine.modules for n, p in chunk.named_parameters()
+                       if getattr(p, "sequence_parallel", False)}}
 
 
 def parallel_worker(rank, world_size, flags, state):
-    from megatron.core import parallel_state, tensor_parallel
-
-    from granular_moe.parallel import initialize_model_parallel
-
-    args = parse_args(MODEL + flags)
-    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                              args.expert_model_parallel_size)
-    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    model = build_model(args, transformer_config_from_args(args), VOCAB)
-    offset = parallel_state.get_pipeline_model_parallel_rank() * args.num_layers // args.pipeline_model_parallel_size
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            full = state[global_name(name, offset)]
-            if name.endswith(("experts.weight1", "experts.weight2")):
-                full = full[model.get_submodule(name.rsplit(".", 1)[0]).global_expert_ids]
-            param.copy_(full)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    loss, grads = step_gradients(model, args, micro_batches()[dp_rank::dp_size])
-    expert_ids = {n: m.global_expert_ids for n, m in model.named_modules() if hasattr(m, "global_expert_ids")}
-    return {"loss": loss, "offset": offset, "grads": grads, "expert_ids": expert_ids}
+    return engine_step(flags, state)
 
 
-@pytest.fixture(scope="module")
-def reference(gloo_world):
-    torch.manual_seed(0)
-    args = parse_args(MODEL)
-    model = build_model(args, transformer_config_from_args(args), VOCAB)
-    state = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss, grads = step_gradients(model, args, micro_batches())
-    return state, loss, grads
-
-
-@pytest.mark.parametrize("flags", [
-    [],  # data parallel 2
-    ["--expert-model-parallel-size", "2"],
-    ["--pipeline-model-parallel-size", "2"],
-], ids=["dp2", "ep2", "pp2"])
-def test_parallel_step_equals_single_process(reference, flags):
-    state, reference_loss, reference_grads = reference
-    results = run_distributed(parallel_worker, 2, flags, state)
-    losses = [r["loss"] for r in results if r["loss"] is not None]
-    data_parallel = "--pipeline-model-parallel-size" not in flags
-    assert len(losses) == (2 if data_parallel else 1)
-    torch.testing.assert_close(sum(losses) / len(losses), reference_loss, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("world, flags", [
+    (2, []),  # data parallel 2
+    (2, ["--expert-model-parallel-size", "2"]),
+    (2, ["--pipeline-model-parallel-size", "2"]),
+    (3, ["--num-layers", "6", "--global-batch-size", str(6 * MICRO), "--pipeline-model-parallel-size", "3",
+         "--num-layers-per-virtual-pipeline-stage", "1"]),
+], ids=["dp2", "ep2", "pp2-1f1b", "pp3-interleaved"])
+def test_parallel_step_equals_single_process(world, flags):
+    six_layers = "--num-layers" in flags
+    [single] = run_distributed(parallel_worker, 1, flags[:4] if six_layers else [], None)
+    results = run_distributed(parallel_worker, world, flags, single["weights"])
+    for result in results:
+        torch.testing.assert_close(result["loss"], single["loss"], rtol=1e-6, atol=1e-7)
     seen = set()
     for result in results:
         for name, grad in result["grads"].items():
-            expected = reference_grads[global_name(name, result["offset"])]
+            expected = single["grads"][name]
             module = name.rsplit(".", 1)[0]
             if module in result["expert_ids"]:
                 expected = expected[result["expert_ids"][module]]
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-            seen.add(global_name(name, result["offset"]))
-    assert seen == set(reference_grads)  # every parameter of the model was compared somewhere
-    routers = [n for n in reference_grads if n.endswith("router.weight")]
-    assert len(routers) == 2 and all(reference_grads[n].abs().sum() > 0 for n in routers)
+            seen.add(name)
+    assert seen == set(single["grads"])  # every parameter of the model was compared somewhere
+    routers = [n for n in single["grads"] if n.endswith("router.weight")]
+    assert len(routers) == (6 if six_layers else 2) and all(single["grads"][n].abs().sum() > 0 for n in routers)
+
+
+def test_distributed_optimizer_takes_the_same_step():
+    """With the optimizer state sharded over the data-parallel ranks (experts over expert-data-parallel
+    ranks), the updated weights equal those of the unsharded optimizer (whose gradients the test above
+    checks against one process)."""
+    [single] = run_distributed(parallel_worker, 1, [], None)
+    plain = run_distributed(parallel_worker, 2, ["--expert-model-parallel-size", "2"], single["weights"])
+    sharded = run_distributed(parallel_worker, 2, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
+                              single["weights"])
+    for unsharded, distributed in zip(plain, sharded):
+        assert distributed["loss"] == unsharded["loss"]
+        assert distributed["after"].keys() == unsharded["after"].keys()
+        for name, weight in distributed["after"].items():
+            torch.testing.assert_close(weight, unsharded["after"][name], rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        moved = [name for name, weight in distributed["after"].items()
+                 if "experts" not in name and not torch.equal(weight, single["weights"][name])]
+        assert len(moved) == len([name for name in distributed["after"] if "experts" not in name])  # a real step
 
 
 def tensor_parallel_worker(rank, world_size, sequence_parallel):
-    from megatron.core import tensor_parallel
-
-    from granular_moe.parallel import initialize_model_parallel
-
-    args = parse_args(MODEL + ["--tensor-model-parallel-size", "2"]
-                      + (["--sequence-parallel"] if sequence_parallel else []))
-    initialize_model_parallel(2, 1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    model = build_model(args, transformer_config_from_args(args), VOCAB)
-    loss, grads = step_gradients(model, args, micro_batches())
-    marked = {name for name, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
-    return {"loss": loss, "grads": grads, "marked": marked}
+    return engine_step(["--tensor-model-parallel-size", "2"] + (["--sequence-parallel"] if sequence_parallel else []))
 
 
 def test_sequence_parallel_step_equals_the_tensor_parallel_step():

@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
     parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                          help="interleaved 1F1B: this many layers per model chunk (PP > 2)")
+    parallel.add_argument("--use-distributed-optimizer", action="store_true",
+                          help="shard the optimizer state over data-parallel ranks (experts: expert-data-parallel)")
+    parallel.add_argument("--overlap-grad-reduce", action="store_true",
+                          help="reduce gradient buckets while the backward runs (GPU)")
+    parallel.add_argument("--overlap-param-gather", action="store_true",
+                          help="with --use-distributed-optimizer: gather updated parameters during the next forward")
+    parallel.add_argument("--ddp-bucket-size", type=int, default=None, help="gradient bucket size (elements)")
     parallel.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                           help="default: nccl with GPUs, gloo without")
     parallel.add_argument("--distributed-timeout-minutes", type=int, default=10)
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--min-lr", type=float, default=3e-4)
     training.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
     training.add_argument("--lr-warmup-iters", type=int, default=0)
+    training.add_argument("--lr-warmup-init", type=float, default=0.0, help="learning rate the warmup starts from")
     training.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     training.add_argument("--weight-decay", type=float, default=0.1)
     training.add_argument("--clip-grad", type=float, default=1.0)
@@ -119,9 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--adam-beta2", type=float, default=0.95)
     training.add_argument("--adam-eps", type=float, default=1e-8)
     training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                          action="store_false", help="skip the check of every step's loss and gradients for NaN")
     precision = training.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true")
-    precision.add_argument("--fp32", action="store_true", help="force fp32 (the default without a GPU)")
+    precision.add_argument("--bf16", action="store_true", default=None,
+                           help="bf16 weights, fp32 main weights in the optimizer (the default with a GPU)")
+    precision.add_argument("--fp32", action="store_true", help="fp32 throughout (the default without a GPU)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", type=Path, default=None,
@@ -144,13 +157,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     checkpoint = parser.add_argument_group("checkpointing")
     checkpoint.add_argument("--save", type=Path, default=Path("runs/pretrain_gpt_moe"))
-    checkpoint.add_argument("--load", type=Path, default=None)
+    checkpoint.add_argument("--load", type=Path, default=None,
+                            help="resume from the newest checkpoint here (an error if there is none)")
+    checkpoint.add_argument("--resume-if-exists", action="store_true",
+                            help="with --load: start from scratch when it holds no checkpoint yet (requeued jobs)")
+    checkpoint.add_argument("--finetune", action="store_true",
+                            help="load the weights only, from iteration 0 (no optimizer, scheduler or RNG state)")
+    checkpoint.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer and scheduler")
+    checkpoint.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    checkpoint.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist",
+                            help="Megatron-LM's distributed checkpoint format (the one this job writes)")
     checkpoint.add_argument("--save-interval", type=int, default=100)
+    checkpoint.add_argument("--moe-upcycle-from", type=Path, default=None,
+                            help="start from a dense checkpoint of the same model, its FFNs cut into the experts")
     return parser
 
 
+def _yaml_value(action: argparse.Action, key, value, path: Path):
+    """A config file's value as the flag's parser would give it; an error naming the key and the file when it
+    is not of the flag's type."""
+    if value is None:
+        return None
+    flag = action.option_strings[0]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise GranularMoEConfigError(f"--config {path}: {key!r} ({flag}) must be true or false, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if action.type is None or (action.type is moe_layer_freq_type and isinstance(value, list)):
+        return value
+    kinds = {int: "an integer", float: "a number", Path: "a path"}
+    wrong_kind = isinstance(value, bool) or (action.type is int and isinstance(value, float)) or (
+        action.type in (int, float) and not isinstance(value, (int, float, str)))
+    try:
+        if wrong_kind:
+            raise ValueError
+        return action.type(value if isinstance(value, str) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+        kind = kinds.get(action.type, f"a valid {flag} value")
+        detail = f" ({error})" if isinstance(error, argparse.ArgumentTypeError) else ""
+        raise GranularMoEConfigError(
+            f"--config {path}: {key!r} ({flag}) must be {kind}, got {value!r}{detail}") from None
+
+
 def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
-    entries = yaml.safe_load(path.read_text()) or {}
+    try:
+        entries = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise GranularMoEConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise GranularMoEConfigError(f"--config {path}: not valid YAML ({error})") from None
+    if not isinstance(entries, dict):
+        raise GranularMoEConfigError(f"--config {path}: expected 'flag: value' lines, got {type(entries).__name__}")
     known = {action.dest: action for action in parser._actions}
     defaults = {}
     for key, value in entries.items():
@@ -158,7 +215,7 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
         if dest not in known or dest == "config":
             raise GranularMoEConfigError(f"--config {path}: unknown setting {key!r}")
         action = known[dest]
-        value = action.type(value) if action.type is not None and isinstance(value, str) else value
+        value = _yaml_value(action, key, value, path)
         if action.choices is not None and value is not None and value not in action.choices:
             raise GranularMoEConfigError(
                 f"--config {path}: {action.option_strings[0]} {value!r} is not valid; valid values: "
@@ -166,14 +223,16 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
             )
         defaults[dest] = value
     for group in parser._mutually_exclusive_groups:
-        chosen = [a.option_strings[0] for a in group._group_actions if defaults.get(a.dest, a.default) != a.default]
+        chosen = [a.option_strings[0] for a in group._group_actions if defaults.get(a.dest, a.default) not in
+                  (a.default, None, False)]
         if len(chosen) > 1:
             raise GranularMoEConfigError(f"--config {path}: {' and '.join(chosen)} exclude each other; set one")
     return defaults
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the main job's flags (``--config`` YAML first, command line on top)."""
+    """Parse the main job's flags (``--config`` YAML first, command line on top); every check that needs no
+    process group is made here, before any work."""
     parser = build_parser()
     pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre_parser.add_argument("--config", type=Path)
@@ -185,13 +244,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_position_embeddings = args.seq_length
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.bf16 is None:  # Megatron-LM's bf16 recipe wherever a GPU is present
+        import torch
+
+        args.bf16 = torch.cuda.is_available() and not args.fp32
     check_schedule(args)
+    check_moe_flags(args)
+    return args
+
+
+def check_moe_flags(args: argparse.Namespace) -> None:
     if isinstance(args.moe_layer_freq, list) and len(args.moe_layer_freq) != args.num_layers:
         raise GranularMoEConfigError(
             f"--moe-layer-freq lists {len(args.moe_layer_freq)} layers, --num-layers is {args.num_layers}: "
             "give one 0/1 entry per layer"
         )
-    return args
+    factor = args.moe_expert_capacity_factor
+    if factor is not None and not factor > 0:
+        raise GranularMoEConfigError(
+            f"--moe-expert-capacity-factor must be > 0, got {factor:g}; leave it unset for dropless routing"
+        )
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise GranularMoEConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The files the flags name exist: ``--data-path`` (.bin/.idx), ``--tokenizer-model``, the checkpoints of
+    ``--load`` (unless ``--resume-if-exists``) and ``--moe-upcycle-from``. Called before any process starts."""
+    from granular_moe.training.checkpoint import require_checkpoint
+    from granular_moe.training.data import check_data_flags
+
+    check_data_flags(args)
+    if args.load is not None and not args.resume_if_exists:
+        require_checkpoint(args.load)
+    if args.resume_if_exists and args.load is None:
+        raise GranularMoEConfigError("--resume-if-exists needs --load (the folder to resume from when it has a "
+                                     "checkpoint)")
+    if args.moe_upcycle_from is not None:
+        if not args.num_experts:
+            raise GranularMoEConfigError("--moe-upcycle-from needs an MoE model: set --num-experts")
+        require_checkpoint(args.moe_upcycle_from, "--moe-upcycle-from")
 
 
 def check_schedule(args: argparse.Namespace) -> None:

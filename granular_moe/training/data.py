@@ -25,6 +25,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from granular_moe.config import GranularMoEConfigError
 from granular_moe.training.corpus import (
     DEFAULT_CORPUS_MAX_BYTES,
     DEFAULT_SUFFIXES,
@@ -54,13 +55,35 @@ class PretrainingData:
     data_prefix: str
 
 
+class DataPathError(GranularMoEConfigError, FileNotFoundError):
+    """A ``--data-path`` / ``--tokenizer-model`` that names no file, or one without the other."""
+
+
+def _require_indexed_dataset(prefix: str) -> None:
+    missing = [path for path in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(path)]
+    if missing:
+        raise DataPathError(f"--data-path {prefix}: no {' or '.join(missing)} "
+                            "(--data-path is the prefix of PREFIX.bin and PREFIX.idx)")
+
+
+def check_data_flags(args: argparse.Namespace) -> None:
+    """``--data-path`` and ``--tokenizer-model`` come together and name files that exist (the embedded corpus
+    when neither is given). Checked before any process starts, and again by :func:`build_data`."""
+    if args.data_path is not None and args.tokenizer_model is None:
+        raise DataPathError(f"--data-path {args.data_path} needs --tokenizer-model (the model it was written with)")
+    if args.tokenizer_model is not None and args.data_path is None:
+        raise DataPathError(f"--tokenizer-model {args.tokenizer_model} needs --data-path; the embedded corpus trains "
+                            "its own tokenizer (--vocab-size)")
+    if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
+        raise DataPathError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if args.data_path is not None:
+        _require_indexed_dataset(str(args.data_path))
+
+
 def open_indexed_dataset(prefix: str, tokenizer: SentencePieceTokenizer) -> IndexedDataset:
     """Open ``prefix.bin``/``.idx`` after checking what the pretraining job relies on: both files exist, every
     document is one sequence (so the split is by document), and token ids fit the tokenizer's vocabulary."""
-    missing = [path for path in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(f"--data-path {prefix}: no {' or '.join(missing)} "
-                                "(--data-path is the prefix of PREFIX.bin and PREFIX.idx)")
+    _require_indexed_dataset(prefix)
     dataset = IndexedDataset(prefix)
     if len(dataset.document_indices) - 1 != len(dataset.sequence_lengths):
         raise ValueError(
@@ -133,14 +156,10 @@ def build_data(args: argparse.Namespace, data_parallel_size: int = 1,
     namespace. With ``--data-path``, that indexed dataset and ``--tokenizer-model`` (required); without, the
     embedded corpus with a ``--vocab-size`` tokenizer (at most ``corpus_max_bytes`` of source; None: all),
     built on first use. Call on every rank."""
+    check_data_flags(args)
     if args.data_path is not None:
-        if args.tokenizer_model is None:
-            raise ValueError(f"--data-path {args.data_path} needs --tokenizer-model (the model it was written with)")
         tokenizer = SentencePieceTokenizer(args.tokenizer_model)
         data_prefix = str(args.data_path)
-    elif args.tokenizer_model is not None:
-        raise ValueError(f"--tokenizer-model {args.tokenizer_model} needs --data-path; the embedded corpus trains "
-                         "its own tokenizer (--vocab-size)")
     else:
         corpus = embedded_corpus(args.vocab_size, corpus_max_bytes)
         tokenizer = SentencePieceTokenizer(corpus.tokenizer_model)

@@ -1,4 +1,4 @@
-"""Launching the main job: layout checks, the distributed environment, and per-node commands.
+"""Launching the main job: per-node commands for torchrun, SLURM and mpirun, and their dry runs.
 
 Three routes start ``python -m granular_moe.training.pretrain`` (``$GRANULAR_MOE_ENTRY`` names another
 module with a ``main(argv)``) on every process; each has a dry run that prints, per node, the exact command
@@ -11,9 +11,9 @@ and the environment its processes get:
   ranks from the SLURM variables.
 - ``mpirun``: ``launch_scripts/pretrain_gpt_moe_mpi.sh``, ranks from the MPI launcher's variables.
 
-Every route checks the layout (:func:`check_layout`) before it starts a process. The trainer resolves its
-rank with :func:`distributed_env` and checks the layout again against the world it finds, so a job started
-by hand fails the same way.
+Every route checks the layout (:func:`granular_moe.training.layout.check_layout`) before it starts a process.
+The trainer resolves its rank with :func:`granular_moe.training.distributed.distributed_env` and checks the
+layout again against the world it finds, so a job started by hand fails the same way.
 
 Command line: ``python -m granular_moe.training.launch {check,torchrun,slurm,mpirun} [launcher flags]
 [trainer flags]``; launcher flags also come from the environment (``NNODES``, ``NPROC_PER_NODE``, ...), and
@@ -24,384 +24,38 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
-import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, MutableMapping, Sequence
+from typing import Mapping, Sequence
 
 from granular_moe.config import GranularMoEConfigError
+from granular_moe.training.distributed import (
+    DEFAULT_MASTER_PORT,
+    LaunchConfigError,
+    distributed_env,
+    expand_nodelist,
+    int_at_least,
+    slurm_default_port,
+)
+from granular_moe.training.layout import PARALLEL_ENV, Layout, check_layout
 
 ENTRY_ENV = "GRANULAR_MOE_ENTRY"
 DEFAULT_ENTRY = "granular_moe.training.pretrain"
-DEFAULT_MASTER_PORT = 29500
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "cpu_default.yaml"
 LAUNCH_MODES = ("torchrun", "srun-per-gpu")
 MPI_FLAVORS = ("mpich", "openmpi")
 
-TP_FLAG = "--tensor-model-parallel-size"
-PP_FLAG = "--pipeline-model-parallel-size"
-EP_FLAG = "--expert-model-parallel-size"
-# Environment variables that feed the trainer's parallel-size flags.
-PARALLEL_ENV = {"TP": TP_FLAG, "PP": PP_FLAG, "EP": EP_FLAG}
-
-
-class LaunchConfigError(GranularMoEConfigError):
-    """An invalid launch: the message names the flags / environment variables and their valid values."""
-
-
-# --------------------------------------------------------------------------- small parsers
-
-
-def _int_at_least(value, name: str, minimum: int = 1) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise LaunchConfigError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if number < minimum:
-        raise LaunchConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return number
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
 
 def _span(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand SLURM's compressed host list (``node[01-03,7],gpu-a[1-2]-b[1-2],login``) into host names,
-    in SLURM's order, zero padding kept. The syntax is expanded here, so no ``scontrol`` is needed."""
-    text = nodelist.strip()
-    if not text:
-        raise LaunchConfigError("empty node list (SLURM_JOB_NODELIST / --nodelist / HOSTS)")
-    names, depth, start = [], 0, 0
-    for position, char in enumerate(text + ","):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        elif char == "," and depth == 0:
-            names.append(text[start:position])
-            start = position + 1
-        if depth not in (0, 1):
-            raise LaunchConfigError(f"node list {nodelist!r}: unbalanced brackets")
-    if depth:
-        raise LaunchConfigError(f"node list {nodelist!r}: unbalanced brackets")
-    hosts = []
-    for name in names:
-        if not name:
-            raise LaunchConfigError(f"node list {nodelist!r}: empty host name")
-        hosts.extend(_expand_host_pattern(name, nodelist))
-    return hosts
-
-
-def _expand_host_pattern(pattern: str, nodelist: str) -> list[str]:
-    match = re.search(r"\[([^\]]*)\]", pattern)
-    if match is None:
-        return [pattern]
-    prefix, suffix = pattern[: match.start()], pattern[match.end():]
-    expanded = []
-    for item in match.group(1).split(","):
-        bounds = item.split("-")
-        if len(bounds) == 1 and bounds[0].isdigit():
-            values = [bounds[0]]
-        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
-            width = len(bounds[0])
-            values = [str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1)]
-        else:
-            raise LaunchConfigError(f"node list {nodelist!r}: cannot read the range {item!r}")
-        for value in values:
-            expanded.extend(_expand_host_pattern(prefix + value + suffix, nodelist))
-    return expanded
-
-
-def expand_tasks_per_node(text: str) -> list[int]:
-    """SLURM's ``SLURM_TASKS_PER_NODE`` (``8(x2),4``) as one count per node."""
-    counts = []
-    for item in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
-        if match is None:
-            raise LaunchConfigError(f"cannot read SLURM tasks per node {text!r}")
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
-    return counts
-
-
-def slurm_default_port(job_id: str | None) -> int:
-    """A rendezvous port that differs between jobs sharing a node: 10000 + job id mod 20000."""
-    return 10000 + int(job_id) % 20000 if job_id and job_id.isdigit() else DEFAULT_MASTER_PORT
-
-
-# --------------------------------------------------------------------------- the distributed environment
-
-
-@dataclass(frozen=True)
-class DistributedEnv:
-    """Where this process sits in the job, whichever launcher started it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-    node_rank: int
-    launcher: str  # torchrun, openmpi, mpich, slurm, mpi4py or single
-
-    @property
-    def init_method(self) -> str:
-        """``init_method`` for ``torch.distributed.init_process_group``."""
-        return f"tcp://{self.master_addr}:{self.master_port}"
-
-    def export(self, environ: MutableMapping[str, str] | None = None) -> None:
-        """Write the ``env://`` variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
-        ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``), for code that reads them, such as Megatron-LM."""
-        environ = os.environ if environ is None else environ
-        environ.update(
-            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-            LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
-            MASTER_PORT=str(self.master_port), NODE_RANK=str(self.node_rank),
-        )
-
-
-def distributed_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
-    """This process's rank, world, local rank, node and rendezvous address, from the environment.
-
-    Looked up in this order:
-
-    1. torchrun (or any ``env://`` launcher): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
-       ``GROUP_RANK``/``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
-    2. An MPI launcher's own variables: Open MPI's ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}`` or
-       MPICH/Hydra's ``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID``/``MPI_LOCALNRANKS``. They come before SLURM
-       because ``mpirun`` inside an allocation leaves the allocation's ``SLURM_*`` variables in its ranks.
-    3. SLURM, one task per process (``srun``): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``,
-       ``SLURM_NODEID``, ``SLURM_STEP_TASKS_PER_NODE``; ``MASTER_ADDR`` defaults to the first host of
-       ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST`` (expanded here), ``MASTER_PORT`` to
-       :func:`slurm_default_port`. A batch script itself (no ``srun`` step) is not a task.
-    4. Other MPI launches (``PMI_RANK`` or ``PMIX_RANK`` without the above): ``mpi4py``'s ``COMM_WORLD``.
-
-    Under MPI without ``MASTER_ADDR``, rank 0's host name (and, without ``MASTER_PORT``, a free port of
-    it) is broadcast with ``mpi4py``. With none of these, a single process on ``127.0.0.1`` and a free port.
-    """
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return _torchrun_env(env)
-    if "OMPI_COMM_WORLD_RANK" in env:
-        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE")
-        return _mpi_env(env, "openmpi", *(_require_env(env, name, "Open MPI") for name in names))
-    if all(name in env for name in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")):
-        names = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
-        return _mpi_env(env, "mpich", *(int(env[name]) for name in names))
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        return _slurm_env(env)
-    if "PMI_RANK" in env or "PMIX_RANK" in env:
-        comm = _mpi4py_world()
-        if comm is None:
-            raise LaunchConfigError(
-                "started by an MPI launcher (PMI_RANK/PMIX_RANK set) that does not export local ranks: "
-                "install mpi4py, or launch with launch_scripts/pretrain_gpt_moe_mpi.sh"
-            )
-        from mpi4py import MPI
-
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        return _mpi_env(env, "mpi4py", comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size())
-    port = _int_at_least(env["MASTER_PORT"], "MASTER_PORT") if env.get("MASTER_PORT") else _free_port()
-    return DistributedEnv(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port, 0, "single")
-
-
-def _require_env(env: Mapping[str, str], name: str, launcher: str) -> int:
-    if name not in env:
-        raise LaunchConfigError(f"{launcher} launch without {name} in the environment")
-    return _int_at_least(env[name], name, minimum=0)
-
-
-def _checked(result: DistributedEnv, variables: str) -> DistributedEnv:
-    if not (0 <= result.rank < result.world_size and 0 <= result.local_rank < result.local_world_size
-            and result.local_world_size <= result.world_size):
-        raise LaunchConfigError(
-            f"inconsistent {result.launcher} environment ({variables}): rank {result.rank} of "
-            f"{result.world_size}, local rank {result.local_rank} of {result.local_world_size}"
-        )
-    return result
-
-
-def _torchrun_env(env: Mapping[str, str]) -> DistributedEnv:
-    rank = _int_at_least(env["RANK"], "RANK", minimum=0)
-    world = _int_at_least(env["WORLD_SIZE"], "WORLD_SIZE")
-    local_world = _int_at_least(env.get("LOCAL_WORLD_SIZE", world), "LOCAL_WORLD_SIZE")
-    local_rank = _int_at_least(env.get("LOCAL_RANK", rank % local_world), "LOCAL_RANK", minimum=0)
-    node = env.get("GROUP_RANK") or env.get("NODE_RANK") or rank // local_world
-    if world > 1 and not env.get("MASTER_ADDR"):
-        raise LaunchConfigError("RANK/WORLD_SIZE are set without MASTER_ADDR: export rank 0's address")
-    return _checked(DistributedEnv(
-        rank, world, local_rank, local_world, env.get("MASTER_ADDR") or "127.0.0.1",
-        _int_at_least(env.get("MASTER_PORT", DEFAULT_MASTER_PORT), "MASTER_PORT"),
-        _int_at_least(node, "GROUP_RANK/NODE_RANK", minimum=0), "torchrun",
-    ), "RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE")
-
-
-def _slurm_env(env: Mapping[str, str]) -> DistributedEnv:
-    rank = _int_at_least(env["SLURM_PROCID"], "SLURM_PROCID", minimum=0)
-    world = _int_at_least(env["SLURM_STEP_NUM_TASKS"], "SLURM_STEP_NUM_TASKS")
-    node = _int_at_least(env.get("SLURM_NODEID", 0), "SLURM_NODEID", minimum=0)
-    local_rank = _int_at_least(env.get("SLURM_LOCALID", 0), "SLURM_LOCALID", minimum=0)
-    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    counts = expand_tasks_per_node(per_node) if per_node else [world]
-    if node >= len(counts):
-        raise LaunchConfigError(f"SLURM_NODEID {node} is beyond the tasks per node {per_node!r}")
-    master_addr = env.get("MASTER_ADDR")
-    if not master_addr:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise LaunchConfigError("SLURM task without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST: export MASTER_ADDR")
-        master_addr = expand_nodelist(nodelist)[0]
-    port = env.get("MASTER_PORT") or slurm_default_port(env.get("SLURM_JOB_ID"))
-    return _checked(DistributedEnv(
-        rank, world, local_rank, counts[node], master_addr, _int_at_least(port, "MASTER_PORT"), node, "slurm",
-    ), "SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE")
-
-
-def _mpi_env(env: Mapping[str, str], launcher: str, rank: int, world: int, local_rank: int,
-             local_world: int) -> DistributedEnv:
-    master_addr, master_port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-    if not master_addr:
-        if world == 1:
-            master_addr = "127.0.0.1"
-        else:
-            comm = _mpi4py_world()
-            if comm is None:
-                raise LaunchConfigError(
-                    "MASTER_ADDR is not set and mpi4py is not importable: export MASTER_ADDR (rank 0's host) "
-                    "to every rank (mpirun -x / -genv), or install mpi4py"
-                )
-            chosen = (socket.gethostname(), master_port or _free_port()) if comm.Get_rank() == 0 else None
-            master_addr, master_port = comm.bcast(chosen, root=0)
-    node_rank = rank // local_world
-    port = _int_at_least(master_port or DEFAULT_MASTER_PORT, "MASTER_PORT")
-    return _checked(DistributedEnv(rank, world, local_rank, local_world, master_addr, port, node_rank, launcher),
-                    f"{launcher} rank variables")
-
-
-def _mpi4py_world():
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    return MPI.COMM_WORLD
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-# --------------------------------------------------------------------------- the layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How ``world_size`` processes split into tensor, pipeline, data and expert parallel groups."""
-
-    world_size: int
-    tensor: int
-    pipeline: int
-    expert: int
-    num_experts: int | None  # fine-grained (E x G); None for a dense model
-
-    @property
-    def data(self) -> int:
-        return self.world_size // (self.tensor * self.pipeline)
-
-    @property
-    def expert_data(self) -> int:
-        """Expert-data-parallel size: megatron-core's world / (expert TP 1 x EP x PP)."""
-        return self.world_size // (self.expert * self.pipeline)
-
-    def describe(self) -> str:
-        text = f"{self.world_size} ranks = TP {self.tensor} x PP {self.pipeline} x DP {self.data}"
-        if self.num_experts is None:
-            return text + "; dense"
-        return (f"{text}; {self.num_experts} experts over EP {self.expert} "
-                f"({self.num_experts // self.expert} per rank), expert DP {self.expert_data}")
-
-
-def check_layout(args: argparse.Namespace, world_size: int, world_source: str | None = None) -> Layout:
-    """Check the parsed trainer arguments against ``world_size`` processes; raise
-    :class:`LaunchConfigError` listing every violation (flags, environment variables, valid values).
-
-    megatron-core 0.16 (``parallel_state.initialize_model_parallel``) needs TP x PP to divide the world
-    (DP = world / (TP x PP)) and, for its expert groups, expert-TP x EP x PP to divide it; the granular layer
-    runs expert-TP 1, so EP must divide world / PP. Besides: experts divisible by EP, ``--num-layers`` by PP
-    (``TransformerConfig``), ``--num-attention-heads`` by TP, ``--global-batch-size`` by micro batch x DP.
-    ``--sequence-parallel`` needs TP > 1 and TP dividing ``--seq-length``. (An MoE model with TP > 1 trains
-    with or without it: the granular layer gives each TP rank its own tokens either way, so without it TP
-    must divide a micro-batch's tokens.)
-    """
-    source = world_source or f"WORLD_SIZE {world_size}"
-    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
-    names = {TP_FLAG: ("TP", tp), PP_FLAG: ("PP", pp), EP_FLAG: ("EP", ep)}
-    invalid = [f"{flag} ({env}) must be >= 1, got {value}" for flag, (env, value) in names.items() if value < 1]
-    if invalid:
-        raise LaunchConfigError("invalid parallel layout:\n  - " + "\n  - ".join(invalid))
-    problems = []
-    if world_size % (tp * pp):
-        problems.append(
-            f"{TP_FLAG} (TP) {tp} x {PP_FLAG} (PP) {pp} = {tp * pp} does not divide the {world_size} processes "
-            f"({source}); valid TP x PP: {_divisors(world_size)}"
-        )
-    num_experts = args.num_experts or None
-    if num_experts is None:
-        if ep != 1:
-            problems.append(f"{EP_FLAG} (EP) {ep} needs an MoE model: set --num-experts, or EP 1")
-    else:
-        if world_size % (ep * pp):
-            valid = _divisors(math.gcd(world_size // pp, num_experts)) if world_size % pp == 0 else "none"
-            problems.append(
-                f"{EP_FLAG} (EP) {ep} x {PP_FLAG} (PP) {pp} = {ep * pp} does not divide the {world_size} "
-                f"processes ({source}): megatron-core builds expert groups of expert-TP 1 x EP x PP; "
-                f"valid EP with PP {pp} and {num_experts} experts: {valid}"
-            )
-        if num_experts % ep:
-            problems.append(
-                f"{num_experts} experts (--num-experts x --moe-granularity) are not divisible by {EP_FLAG} "
-                f"(EP) {ep}; valid EP: {_divisors(num_experts)}"
-            )
-    if args.num_layers % pp:
-        problems.append(f"--num-layers {args.num_layers} is not divisible by {PP_FLAG} (PP) {pp}; "
-                        f"valid PP: {_divisors(args.num_layers)}")
-    if args.num_attention_heads % tp:
-        problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by {TP_FLAG} (TP) "
-                        f"{tp}; valid TP: {_divisors(args.num_attention_heads)}")
-    if args.sequence_parallel and tp == 1:
-        problems.append(f"--sequence-parallel needs {TP_FLAG} (TP) > 1; drop it or raise TP")
-    if args.sequence_parallel and args.seq_length % tp:
-        problems.append(f"--seq-length {args.seq_length} is not divisible by {TP_FLAG} (TP) {tp}, which "
-                        f"--sequence-parallel splits it over")
-    elif num_experts is not None and not args.sequence_parallel and (args.seq_length * args.micro_batch_size) % tp:
-        problems.append(f"--seq-length {args.seq_length} x --micro-batch-size {args.micro_batch_size} tokens are not "
-                        f"divisible by {TP_FLAG} (TP) {tp}, which the MoE layers split them over")
-    if args.global_batch_size and not world_size % (tp * pp):
-        step = args.micro_batch_size * (world_size // (tp * pp))
-        if args.global_batch_size % step:
-            problems.append(
-                f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
-                f"{args.micro_batch_size} x DP {world_size // (tp * pp)} = {step}"
-            )
-    if problems:
-        raise LaunchConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
-    return Layout(world_size, tp, pp, ep, num_experts)
 
 
 def trainer_argv(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
@@ -418,11 +72,11 @@ def trainer_argv(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     for variable, flag in PARALLEL_ENV.items():
         if not environ.get(variable):
             continue
-        size = _int_at_least(environ[variable], f"{variable} ({flag})")
+        size = int_at_least(environ[variable], f"{variable} ({flag})")
         given = _last_flag_value(argv, flag)
         if given is None:
             argv += [flag, str(size)]
-        elif _int_at_least(given, flag) != size:
+        elif int_at_least(given, flag) != size:
             raise LaunchConfigError(f"{flag} {given} disagrees with {variable}={environ[variable]}: set one of them")
     return argv
 
@@ -560,9 +214,9 @@ def split_launcher_args(
 
 def _launcher_value(value: str, name: str, kind: str):
     if kind == "count":
-        return _int_at_least(value, name)
+        return int_at_least(value, name)
     if kind == "index":
-        return _int_at_least(value, name, minimum=0)
+        return int_at_least(value, name, minimum=0)
     return value
 
 
@@ -578,7 +232,7 @@ def default_nproc_per_node(environ: Mapping[str, str]) -> int:
     for variable in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         if environ.get(variable):
             # SLURM_GPUS_PER_NODE may name the type: "h100:8".
-            return _int_at_least(environ[variable].split(":")[-1], variable)
+            return int_at_least(environ[variable].split(":")[-1], variable)
     return local_gpu_count() or min(2, os.cpu_count() or 1)
 
 

@@ -18,8 +18,8 @@ from granular_moe.layer import GranularMoELayer
 class MoELayerStatistics:
     """Sums each MoE layer's routing statistics over the training forwards of a logging interval."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, GranularMoELayer)]
+    def __init__(self, modules: list):
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, GranularMoELayer)]
         for layer in self.layers:
             layer.register_forward_hook(self._record)
         self._reset()

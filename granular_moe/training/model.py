@@ -1,5 +1,5 @@
 """The main job's model: a megatron-core GPT (granular MoE where ``--moe-layer-freq`` puts MoE) built from
-the parsed flags, one pipeline stage per rank."""
+the parsed flags: this rank's pipeline stage, as one chunk per virtual pipeline stage."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -27,6 +27,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int =
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     """The megatron-core config of the parsed flags (MoE fields already fine-grained)."""
     moe = bool(args.num_experts)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     ffn = args.ffn_hidden_size or megatron_default_ffn_hidden_size(args.hidden_size, args.swiglu)
     fields = dict(
         num_layers=args.num_layers,
@@ -45,8 +46,10 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=1,
         sequence_parallel=args.sequence_parallel,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
+        bf16=args.bf16,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
     if moe:
@@ -98,26 +101,45 @@ def with_sequence_parallel_norms(block: TransformerBlockSubmodules) -> Transform
     return dataclasses.replace(block, layer_specs=layers, layer_norm=swap(block.layer_norm))
 
 
-def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> GPTModel:
-    """This rank's pipeline stage of the GPT."""
-    # Megatron's decoder block; the granular layer in its MoE positions (none in a dense model)
-    block = get_gpt_decoder_block_spec(
-        config,
-        use_transformer_engine=False,
-        router_type=args.moe_router_type,
-        kernels=args.moe_kernels,
-        normalization=args.normalization,
-    )
-    if config.sequence_parallel:
-        block = with_sequence_parallel_norms(block)
-    model = GPTModel(
-        config,
-        block,
-        vocab_size=padded_vocab_size(vocab_size, args.tensor_model_parallel_size),
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-    )
-    return model.cuda() if torch.cuda.is_available() else model
+def virtual_pipeline_size(args: argparse.Namespace):
+    """Model chunks per pipeline rank for ``--num-layers-per-virtual-pipeline-stage`` (None: one)."""
+    per_chunk = args.num_layers_per_virtual_pipeline_stage
+    if per_chunk is None:
+        return None
+    chunks = args.num_layers // args.pipeline_model_parallel_size // per_chunk
+    return chunks if chunks > 1 else None
+
+
+def build_model_chunks(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
+    """This rank's pipeline stage of the GPT: one model per virtual pipeline stage (one without
+    ``--num-layers-per-virtual-pipeline-stage``), each holding its slice of layers."""
+    stages = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(stages):
+        vp_stage = stage if stages > 1 else None
+        # Megatron's decoder block; the granular layer in its MoE positions (none in a dense model)
+        block = get_gpt_decoder_block_spec(
+            config,
+            use_transformer_engine=False,
+            router_type=args.moe_router_type,
+            kernels=args.moe_kernels,
+            normalization=args.normalization,
+            vp_stage=vp_stage,
+        )
+        if config.sequence_parallel:
+            block = with_sequence_parallel_norms(block)
+        model = GPTModel(
+            config,
+            block,
+            vocab_size=padded_vocab_size(vocab_size, args.tensor_model_parallel_size),
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type,
+            vp_stage=vp_stage,
+        )
+        for param in model.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        chunks.append(model.cuda() if torch.cuda.is_available() else model)
+    return chunks

@@ -1,9 +1,15 @@
-"""The main job: pretrain a GPT with granular MoE on megatron-core.
+"""The main job: pretrain a GPT with granular MoE on megatron-core's own training engine.
 
 ``granular-moe pretrain [flags]``, ``python -m granular_moe.training.pretrain [flags]``, or through
 ``launch_scripts/pretrain_gpt_moe.sh``. Ranks come from the launcher (torchrun, SLURM, MPI; see
-:func:`granular_moe.training.launch.distributed_env`); the layout is checked before any work. With GPUs:
-NCCL, bf16 autocast and the fast kernels; without: gloo, fp32 and megatron-core's CPU shims.
+:func:`granular_moe.training.distributed.distributed_env`); flags, files and the layout are checked before any
+work. With GPUs: NCCL, bf16 weights with fp32 main weights, the Triton kernels; without: gloo, fp32 and
+megatron-core's CPU shims. The engine (DDP, optimizer, scheduler, pipeline schedules) is megatron-core's
+(:mod:`granular_moe.training.engine`), the checkpoints Megatron-LM's ``torch_dist`` format
+(:mod:`granular_moe.training.checkpoint`).
+
+Errors a user can act on (:class:`~granular_moe.config.GranularMoEConfigError`) are printed once, by global
+rank 0, with exit status 2; one found on some ranks only is reported by every rank as the first one's.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy
 import torch
@@ -24,15 +30,21 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.megatron.cpu_shims import apply_cpu_shims
 from granular_moe.parallel import destroy_model_parallel, initialize_model_parallel
-from granular_moe.training.arguments import parse_args
-from granular_moe.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from granular_moe.training.arguments import check_inputs, parse_args
+from granular_moe.training.checkpoint import (
+    TrainingState,
+    check_compatible,
+    find_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from granular_moe.training.data import build_data, eval_batches, train_batches
-from granular_moe.training.gradients import clip_grad_norm, finalize_gradients
-from granular_moe.training.launch import check_layout, distributed_env
+from granular_moe.training.distributed import distributed_env
+from granular_moe.training.engine import build_engine, evaluate, memory_report, train_step
+from granular_moe.training.layout import check_layout
 from granular_moe.training.metrics import MetricsLog, MoELayerStatistics, plot_losses
-from granular_moe.training.model import build_model, transformer_config_from_args
-from granular_moe.training.optimizer import build_optimizer, learning_rate, set_learning_rate
-from granular_moe.training.schedule import PipelineStage, forward_backward
+from granular_moe.training.model import padded_vocab_size, transformer_config_from_args
 
 
 def _initialize_distributed(args, world) -> torch.device:
@@ -50,34 +62,20 @@ def _initialize_distributed(args, world) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
-def _reduce_loss(loss, device) -> float:
-    """The step's loss (last stage, averaged over data-parallel replicas) on every rank."""
-    value = torch.zeros(1, dtype=torch.float64, device=device)
-    if loss is not None:
-        value += loss.double()
-    dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
-    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-    return float(value) / parallel_state.get_data_parallel_world_size()
-
-
-def _take(iterator, count: int) -> list:
-    return [next(iterator) for _ in range(count)]
-
-
-def evaluate(model, args, data, stage, autocast_dtype, data_parallel) -> float:
-    """Mean validation loss over the ``--eval-iters`` global batches (the same ones every time)."""
-    model.eval()
-    batches = eval_batches(
-        data.valid, args.micro_batch_size, parallel_state.get_data_parallel_rank(), data_parallel
-    )
-    losses = []
-    for _ in range(args.eval_iters):
-        micro = _take(batches, args.global_batch_size // (args.micro_batch_size * data_parallel))
-        losses.append(_reduce_loss(
-            forward_backward(model, micro, stage, forward_only=True, autocast_dtype=autocast_dtype), stage.device
-        ))
-    model.train()
-    return sum(losses) / len(losses)
+def agreed(step: Callable, *args, **kwargs):
+    """Run ``step`` on every rank; if it raises a user-facing error on any rank, raise that error (the first
+    failing rank's) on all of them, so the job stops together and rank 0 can report it once."""
+    failure = None
+    try:
+        result = step(*args, **kwargs)
+    except GranularMoEConfigError as error:
+        failure, result = (type(error).__name__, str(error)), None
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    first = next((entry for entry in failures if entry is not None), None)
+    if first is not None:
+        raise GranularMoEConfigError(first[1])
+    return result
 
 
 def pretrain(args) -> dict:
@@ -88,15 +86,14 @@ def pretrain(args) -> dict:
     """
     world = distributed_env()
     layout = check_layout(args, world.world_size)
-    if args.bf16 and not torch.cuda.is_available():
-        raise GranularMoEConfigError("--bf16 needs a GPU; without one the job trains in fp32")
+    check_inputs(args)
     if dist.is_initialized():
         apply_cpu_shims()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        return _train(args, world, layout, device)
+        return _train(args, layout, device)
     device = _initialize_distributed(args, world)
     try:
-        return _train(args, world, layout, device)
+        return _train(args, layout, device)
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()
@@ -112,35 +109,59 @@ def _set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _train(args, world, layout, device) -> dict:
+def _take(iterator, count: int) -> list:
+    return [next(iterator) for _ in range(count)]
+
+
+def _resume_from(args):
+    """The checkpoint to resume from (None: start from scratch), its arguments read and checked first."""
+    if args.load is None:
+        return None
+    directory = find_checkpoint(args.load)
+    if directory is None:  # --resume-if-exists (check_inputs refused it otherwise)
+        return None
+    load_optimizer = not (args.no_load_optim or args.finetune)
+    check_compatible(read_checkpoint(directory), args, directory, load_optimizer)
+    return directory
+
+
+def _train(args, layout, device) -> dict:
     initialize_model_parallel(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size,
+        virtual_pipeline=layout.virtual_pipeline, num_experts=args.num_experts or None,
     )
     _set_random_seed(args.seed)
     data_parallel = parallel_state.get_data_parallel_world_size()
     args.global_batch_size = args.global_batch_size or args.micro_batch_size * data_parallel
     micro_batches_per_step = args.global_batch_size // (args.micro_batch_size * data_parallel)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else None
 
-    data = build_data(args, data_parallel, corpus_max_bytes=args.corpus_max_bytes)
+    data = agreed(build_data, args, data_parallel, corpus_max_bytes=args.corpus_max_bytes)
+    args.padded_vocab_size = padded_vocab_size(data.tokenizer.vocab_size, args.tensor_model_parallel_size)
+    resume = agreed(_resume_from, args)
     config = transformer_config_from_args(args)
-    model = build_model(args, config, data.tokenizer.vocab_size)
-    optimizer = build_optimizer(model, args)
-    stage = PipelineStage(config, args.seq_length, args.micro_batch_size, device)
-    moe_statistics = MoELayerStatistics(model)
-    layout_key = {"world_size": world.world_size, "tensor": layout.tensor, "pipeline": layout.pipeline,
-                  "expert": layout.expert}
-    state = TrainingState(iteration=0, consumed_samples=0)
-    if args.load is not None:
-        state = load_checkpoint(args.load, model, optimizer, layout_key) or state
+    chunks = None
+    if args.moe_upcycle_from is not None and resume is None:
+        from granular_moe.training.upcycle import upcycled_chunks
+
+        chunks = agreed(upcycled_chunks, args, config, data.tokenizer.vocab_size)
+    engine = build_engine(args, config, data.tokenizer.vocab_size, chunks)
+    moe_statistics = MoELayerStatistics(engine.modules)
+    state, notes = TrainingState(iteration=0, consumed_samples=0), []
+    if resume is not None:
+        state, notes = agreed(load_checkpoint, resume, engine, args, load_optimizer=not args.no_load_optim,
+                              load_rng=not args.no_load_rng, finetune=args.finetune)
     save = Path(args.save)
     log = MetricsLog(args.log_jsonl or save / "metrics.jsonl", args.tensorboard_dir)
     tokens_per_step = args.global_batch_size * args.seq_length
     if dist.get_rank() == 0:
-        resumed = f", resuming at iteration {state.iteration}" if state.iteration else ""
-        print(f"pretrain_gpt_moe: {layout.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters "
-              f"on rank 0; {micro_batches_per_step} micro-batches of {args.micro_batch_size} x {args.seq_length} "
-              f"per step on {device.type}{resumed}", flush=True)
+        resumed = f", resuming at iteration {state.iteration} from {resume}" if resume is not None else ""
+        upcycled = f", upcycled from {args.moe_upcycle_from}" if chunks is not None else ""
+        parameters = sum(p.numel() for module in engine.modules for p in module.parameters())
+        print(f"pretrain_gpt_moe: {layout.describe()}; {parameters:,} parameters on rank 0; {micro_batches_per_step} "
+              f"micro-batches of {args.micro_batch_size} x {args.seq_length} per step on {device.type} "
+              f"({'bf16' if args.bf16 else 'fp32'}){resumed}{upcycled}", flush=True)
+        for note in notes:
+            print(f"pretrain_gpt_moe: note: {note}", flush=True)
 
     batches = train_batches(data.train, args.micro_batch_size, state.consumed_samples,
                             parallel_state.get_data_parallel_rank(), data_parallel)
@@ -150,18 +171,14 @@ def _train(args, world, layout, device) -> dict:
     first_iteration = state.iteration
     while state.iteration < args.train_iters:
         step_start = time.perf_counter()
-        lr = learning_rate(state.iteration, args)
-        set_learning_rate(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(model, _take(batches, micro_batches_per_step), stage, autocast_dtype=autocast_dtype)
-        finalize_gradients(model)
-        grad_norm = clip_grad_norm(model, args.clip_grad)
-        optimizer.step()
+        step = train_step(engine, _take(batches, micro_batches_per_step), device)
         clear_aux_losses_tracker()
         state = TrainingState(state.iteration + 1, state.consumed_samples + args.global_batch_size)
-        interval_losses.append(_reduce_loss(loss, device))
+        interval_losses.append(step.loss)
         step_seconds = time.perf_counter() - step_start
         train_seconds, interval_seconds = train_seconds + step_seconds, interval_seconds + step_seconds
+        if state.iteration == first_iteration + 1:
+            _report_memory(engine)
 
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             steps = len(interval_losses)
@@ -170,8 +187,8 @@ def _train(args, world, layout, device) -> dict:
                 "iteration": state.iteration,
                 "tokens": state.consumed_samples * args.seq_length,
                 "loss": sum(interval_losses) / steps,
-                "lr": lr,
-                "grad_norm": grad_norm,
+                "lr": step.learning_rate,
+                "grad_norm": step.grad_norm,
                 "tokens_per_second": steps * tokens_per_step / interval_seconds,
                 "train_seconds": train_seconds,
                 "elapsed_s": time.perf_counter() - started,
@@ -179,18 +196,21 @@ def _train(args, world, layout, device) -> dict:
                 "moe": moe_statistics.collect(),
             }
             log.write(record, f"iter {state.iteration:6d}/{args.train_iters} | loss {record['loss']:.4f} | "
-                              f"lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                              f"lr {step.learning_rate:.2e} | grad norm {step.grad_norm:.3f} | "
                               f"{record['tokens_per_second']:,.0f} tokens/s | ETA {record['eta_s']:.0f}s")
             interval_losses, interval_seconds = [], 0.0
         if data.valid is not None and args.eval_iters and (
             state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
         ):
-            valid_loss = evaluate(model, args, data, stage, autocast_dtype, data_parallel)
+            valid = eval_batches(data.valid, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                                 data_parallel)
+            valid_loss = evaluate(engine, [_take(valid, micro_batches_per_step) for _ in range(args.eval_iters)],
+                                  device)
             log.write({"iteration": state.iteration, "tokens": state.consumed_samples * args.seq_length,
                        "valid_loss": valid_loss, "train_seconds": train_seconds},
                       f"iter {state.iteration:6d} | validation loss {valid_loss:.4f}")
         if state.iteration % args.save_interval == 0 or state.iteration == args.train_iters:
-            save_checkpoint(save, state, model, optimizer, layout_key)
+            save_checkpoint(save, state, engine, args)
 
     if dist.get_rank() == 0 and log.jsonl.exists():
         plot_losses(log.jsonl, save / "loss.png")
@@ -200,11 +220,36 @@ def _train(args, world, layout, device) -> dict:
     return record
 
 
+def _report_memory(engine) -> None:
+    """Bytes per rank in parameters, gradient buffers and optimizer state, from the tensors (after the first
+    step, when the optimizer's state exists): the largest rank's, and rank 0's."""
+    local = memory_report(engine)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    if dist.get_rank() != 0:
+        return
+
+    def text(report):
+        return ", ".join(f"{name.replace('_', ' ')} {value / 2**20:,.1f} MiB" for name, value in report.items())
+
+    largest = max(gathered, key=lambda report: sum(report.values()))
+    print(f"pretrain_gpt_moe: memory per rank: rank 0 {text(gathered[0])}; largest rank {text(largest)}", flush=True)
+
+
+def _reports_errors() -> bool:
+    """Whether this process prints user-facing errors: global rank 0 (or a process outside any job)."""
+    try:
+        return distributed_env().rank == 0
+    except GranularMoEConfigError:
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         pretrain(parse_args(argv))
     except GranularMoEConfigError as error:
-        print(f"pretrain_gpt_moe: error: {error}", file=sys.stderr)
+        if _reports_errors():
+            print(f"pretrain_gpt_moe: error: {error}", file=sys.stderr, flush=True)
         return 2
     return 0
 
