@@ -112,6 +112,7 @@ def train(argv: list[str], seed: int, run_dir: Path, nproc: int) -> list[dict]:
                "--save-interval", "1000000000"]
     environment = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_VARIABLES}
     environment["NPROC_PER_NODE"] = str(nproc)
+    environment["PYTHON"] = sys.executable  # the launcher runs this interpreter, activated or not
     with open(run_dir / "train.log", "w") as log:
         result = subprocess.run(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if result.returncode != 0:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from granular_moe.training import launch
+from granular_moe.training import distributed, launch
 from granular_moe.training.arguments import parse_args
 from granular_moe.training.launch import LaunchConfigError, check_layout, distributed_env
 
@@ -179,13 +179,13 @@ def test_default_processes_per_node(monkeypatch):
     ("gpu[001-016]", [f"gpu{i:03d}" for i in range(1, 17)]),
 ])
 def test_expand_nodelist(nodelist, hosts):
-    assert launch.expand_nodelist(nodelist) == hosts
+    assert distributed.expand_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("nodelist", ["node[1-", "node[3-1]", "a,,b", "node[x]"])
 def test_expand_nodelist_rejects_malformed_lists(nodelist):
     with pytest.raises(LaunchConfigError, match="node list"):
-        launch.expand_nodelist(nodelist)
+        distributed.expand_nodelist(nodelist)
 
 
 # --------------------------------------------------------------------------- distributed_env
@@ -194,14 +194,14 @@ def test_expand_nodelist_rejects_malformed_lists(nodelist):
 def test_distributed_env_under_torchrun():
     env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
            "MASTER_ADDR": "head", "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
-    assert distributed_env(env) == launch.DistributedEnv(5, 8, 1, 4, "head", 1234, 1, "torchrun")
+    assert distributed_env(env) == distributed.DistributedEnv(5, 8, 1, 4, "head", 1234, 1, "torchrun")
 
 
 def test_distributed_env_slurm_task_per_gpu():
     env = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
            "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
     result = distributed_env(env)
-    assert result == launch.DistributedEnv(9, 16, 1, 8, "gpu07", 10000 + 123456 % 20000, 1, "slurm")
+    assert result == distributed.DistributedEnv(9, 16, 1, 8, "gpu07", 10000 + 123456 % 20000, 1, "slurm")
     assert result.init_method == "tcp://gpu07:13456"
     assert distributed_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"}).init_method == "tcp://10.0.0.1:4000"
 
@@ -216,14 +216,14 @@ def test_mpi_launcher_variables_win_over_the_allocations_slurm_variables():
     env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "node01", "SLURM_PROCID": "1",
            "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[01-02]"}
-    assert distributed_env(env) == launch.DistributedEnv(5, 8, 1, 4, "node01", 29500, 1, "openmpi")
+    assert distributed_env(env) == distributed.DistributedEnv(5, 8, 1, 4, "node01", 29500, 1, "openmpi")
     mpich = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
              "MASTER_ADDR": "n0", "MASTER_PORT": "777"}
-    assert distributed_env(mpich) == launch.DistributedEnv(3, 4, 1, 2, "n0", 777, 1, "mpich")
+    assert distributed_env(mpich) == distributed.DistributedEnv(3, 4, 1, 2, "n0", 777, 1, "mpich")
 
 
 def test_mpi_without_master_addr_needs_mpi4py(monkeypatch):
-    monkeypatch.setattr(launch, "_mpi4py_world", lambda: None)
+    monkeypatch.setattr(distributed, "_mpi4py_world", lambda: None)
     env = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}
     with pytest.raises(LaunchConfigError, match="MASTER_ADDR is not set and mpi4py is not importable"):
         distributed_env(env)

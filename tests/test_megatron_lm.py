@@ -434,3 +434,106 @@ def test_megatron_lm_builds_a_granular_gpt(mode, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     built = json.loads(result.stdout.strip().splitlines()[-1])
     assert built == {"experts": 16, "topk": 4, "layers": 2, "router": "expert_choice", "weight1": [16, 64, 64]}
+
+
+INTERCHANGE_SCRIPT = textwrap.dedent('''
+    """Megatron-LM's pretrain_gpt.py __main__ through the wrapper (--ckpt-format torch_dist), pretrain replaced
+    by: build the model from the config pretrain_gpt.py made, load the main job's checkpoint with Megatron-LM's
+    own load_checkpoint, report its weights, double them and save with Megatron-LM's save_checkpoint."""
+    import json, sys, warnings
+    warnings.simplefilter("ignore")
+    checkout, load, save = sys.argv[1:4]
+    FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-experts", "4",
+             "--moe-granularity", "4", "--moe-router-topk", "1", "--ffn-hidden-size", "128", "--seq-length", "32",
+             "--max-position-embeddings", "32", "--micro-batch-size", "4", "--transformer-impl", "local",
+             "--disable-bias-linear", "--tokenizer-type", "NullTokenizer", "--vocab-size", "2047",
+             "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+             "--no-bias-dropout-fusion", "--use-cpu-initialization", "--mock-data", "--train-iters", "1",
+             "--ckpt-format", "torch_dist", "--load", load, "--save", save, "--save-interval", "1",
+             "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--finetune"]
+    import torch
+    import torch.distributed as dist
+    import megatron.training
+    from granular_moe import GranularMoELayer
+    from granular_moe.megatron import megatron_lm
+    from granular_moe.megatron.cpu_shims import TorchOnCpu, apply_cpu_shims
+    from granular_moe.training.distributed import distributed_env
+
+
+    def pretrain(full_config, *args, **kwargs):
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.training import checkpointing
+
+        # Megatron-LM needs a GPU: on this CPU its checkpointing module gets the CPU torch megatron-core's modules
+        # get from the shims, and reads the CPU generator where it reads the CUDA one (not saved: --no-save-rng)
+        checkpointing.torch = TorchOnCpu()
+        torch.cuda.get_rng_state = torch.get_rng_state
+        dist.init_process_group("gloo", init_method=distributed_env().init_method, rank=0, world_size=1)
+        apply_cpu_shims()
+        parallel_state.initialize_model_parallel()
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        model_config = full_config.model
+        model = model_config.get_builder_cls()(model_config).build_model(
+            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        checkpointing.load_checkpoint([model], None, None)
+        weights = {name: p.detach().double().sum().item() for name, p in model.named_parameters()}
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(2.0)
+        checkpointing.save_checkpoint(7, [model], None, None, 0)
+        granular = sum(isinstance(m, GranularMoELayer) for m in model.modules())
+        print(json.dumps({"weights": weights, "granular": granular}))
+
+
+    megatron.training.pretrain = pretrain
+    megatron_lm.main(["--megatron-lm-dir", checkout, *FLAGS])
+''')
+MAIN_JOB = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--num-experts", "4", "--moe-router-topk", "1", "--moe-granularity", "4", "--ffn-hidden-size", "128",
+            "--micro-batch-size", "4", "--corpus-max-bytes", "300000", "--eval-iters", "1"]
+
+
+def main_job_weights(rank, world_size, argv):
+    """Train (or, with --finetune, load) the main job; its model's weight sums by name."""
+    from granular_moe.training.arguments import parse_args
+    from granular_moe.training.checkpoint import find_checkpoint, load_checkpoint
+    from granular_moe.training.engine import build_engine
+    from granular_moe.training.model import padded_vocab_size, transformer_config_from_args
+    from granular_moe.training.pretrain import pretrain
+
+    args = parse_args(argv)
+    if args.load is None:
+        pretrain(args)  # joins this process group and leaves megatron-core's parallel state set up
+        args.load = args.save
+    else:
+        from granular_moe.parallel import initialize_model_parallel
+
+        initialize_model_parallel()
+    args.global_batch_size, args.padded_vocab_size = args.micro_batch_size, padded_vocab_size(2048, 1)
+    engine = build_engine(args, transformer_config_from_args(args), 2048)
+    load_checkpoint(find_checkpoint(args.load), engine, args, finetune=True)
+    return {name: p.detach().double().sum().item() for name, p in engine.modules[0].named_parameters()}
+
+
+@NEEDS_CHECKOUT
+def test_checkpoints_interchange_with_megatron_lm(tmp_path):
+    """The main job's torch_dist checkpoint loads in Megatron-LM core_v0.19.0 (its own load_checkpoint, model
+    built by its GPTModelBuilder through the wrapper), and one Megatron-LM saves loads in the main job."""
+    from distributed import run_distributed
+
+    [saved] = run_distributed(main_job_weights, 1, MAIN_JOB + ["--train-iters", "2", "--save", str(tmp_path / "main")])
+    path = os.pathsep.join([MEGATRON_LM_DIR, str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-c", INTERCHANGE_SCRIPT, MEGATRON_LM_DIR, str(tmp_path / "main"), str(tmp_path / "mlm")],
+        env={**env, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    megatron = json.loads(result.stdout.strip().splitlines()[-1])
+    assert megatron["granular"] == 2 and megatron["weights"].keys() == saved.keys()
+    for name, value in saved.items():
+        assert megatron["weights"][name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    [loaded] = run_distributed(main_job_weights, 1, MAIN_JOB + ["--load", str(tmp_path / "mlm"), "--finetune",
+                                                               "--save", str(tmp_path / "unused")])
+    for name, value in saved.items():
+        assert loaded[name] == pytest.approx(2 * value, rel=1e-12, abs=1e-12), name

@@ -5,7 +5,8 @@ import pytest
 import torch.distributed as dist
 
 from distributed import run_distributed
-from granular_moe.parallel import ParallelLayoutError, check_parallel_layout
+from granular_moe.parallel import ParallelLayoutError
+from granular_moe.training.layout import parallel_size_problems
 
 
 def layouts_worker(rank, world_size, layouts):
@@ -104,17 +105,21 @@ def test_groups_of_an_earlier_layout_are_not_handed_out():
     [
         (
             (8, 3, 1, 1),
-            "world size 8 is not divisible by --tensor-model-parallel-size 3 x --pipeline-model-parallel-size 1",
+            "--tensor-model-parallel-size (TP) 3 x --pipeline-model-parallel-size (PP) 1 = 3 does not divide the "
+            "8 processes",
         ),
         (
             (8, 1, 2, 3),
-            "--expert-model-parallel-size 3 does not divide the 4 ranks of a pipeline stage (world 8 / "
-            "--pipeline-model-parallel-size 2); valid values: 1, 2, 4",
+            "--expert-model-parallel-size (EP) 3 x --pipeline-model-parallel-size (PP) 2 = 6 does not divide the 8 "
+            "processes",
         ),
-        ((8, 0, 1, 1), "--tensor-model-parallel-size must be >= 1, got 0"),
+        ((8, 0, 1, 1), "--tensor-model-parallel-size (TP) must be >= 1, got 0"),
     ],
 )
 def test_impossible_sizes_are_named(sizes, message):
-    with pytest.raises(ParallelLayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_parallel_layout(*sizes)
-    assert check_parallel_layout(8, 2, 2, 4) == 2
+    """The one check of parallel sizes, shared by initialize_model_parallel and the launchers."""
+    problems = parallel_size_problems(*sizes)
+    assert any(message in problem for problem in problems), problems
+    assert parallel_size_problems(8, 2, 2, 4, num_experts=16) == []
+    assert "12 experts (--num-experts x --moe-granularity) are not divisible by" in " ".join(
+        parallel_size_problems(8, 1, 1, 8, num_experts=12))

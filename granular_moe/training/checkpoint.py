@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import shutil
 from dataclasses import dataclass
@@ -287,6 +288,18 @@ def sharded_state_dict(engine, args: argparse.Namespace, metadata: dict, *, opti
 # --------------------------------------------------------------------------- save and load
 
 
+def _write_results_in_process() -> None:
+    """Collect the checkpoint writer's results in this process. megatron-core's filesystem writer hands them
+    over through a ``multiprocessing`` manager queue, a server process it spawns at the first save: for the
+    synchronous saves made here the writes run in this process's threads, so a plain queue carries them, and
+    no server process is left behind by a rank that is killed (it would hold the job's output pipes open and
+    keep re-importing the launch script)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(save: Path, state: TrainingState, engine, args: argparse.Namespace) -> Path:
     """Write the checkpoint of ``state.iteration``; collective over all ranks.
 
@@ -310,6 +323,7 @@ def save_checkpoint(save: Path, state: TrainingState, engine, args: argparse.Nam
     metadata = _sharding_metadata(args)
     content = sharded_state_dict(engine, saved_args, metadata, optimizer=True, rng=True)
     content["iteration"] = state.iteration
+    _write_results_in_process()
     dist_checkpointing.save(content, str(staging), content_metadata=_serializable(metadata))
     dist.barrier()
     if rank == 0:

@@ -255,8 +255,16 @@ def _entry_command(environ: Mapping[str, str], argv: Sequence[str]) -> list[str]
     return [sys.executable, "-m", environ.get(ENTRY_ENV) or DEFAULT_ENTRY, *argv]
 
 
-def _checked_layout(argv: Sequence[str], nnodes: int, nproc: int) -> Layout:
-    return check_layout(_parse_trainer_args(argv), nnodes * nproc, f"NNODES {nnodes} x NPROC_PER_NODE {nproc}")
+def _checked_layout(argv: Sequence[str], nnodes: int, nproc: int, check_files: bool = True) -> Layout:
+    """The trainer's flags checked against ``nnodes x nproc`` processes, and (unless a dry run, which may be
+    made away from the data) the files they name, before any process starts."""
+    args = _parse_trainer_args(argv)
+    layout = check_layout(args, nnodes * nproc, f"NNODES {nnodes} x NPROC_PER_NODE {nproc}")
+    if check_files:
+        from granular_moe.training.arguments import check_inputs
+
+        check_inputs(args)
+    return layout
 
 
 def plan_torchrun(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[str, str]) -> Plan:
@@ -271,7 +279,7 @@ def plan_torchrun(settings: LaunchSettings, argv: Sequence[str], environ: Mappin
         raise LaunchConfigError(
             f"NODE_RANK {settings.node_rank} is not a node of NNODES {nnodes}; valid: 0..{nnodes - 1}"
         )
-    layout = _checked_layout(argv, nnodes, nproc)
+    layout = _checked_layout(argv, nnodes, nproc, check_files=not settings.dry_run)
     notes = []
     standalone = nnodes == 1 and settings.master_addr is None and settings.master_port is None
     master_addr = settings.master_addr or ("127.0.0.1" if nnodes == 1 else None)
@@ -324,7 +332,7 @@ def plan_slurm(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[s
                                 "pass --dry-run with NNODES or SLURM_JOB_NODELIST")
     nnodes = len(hosts)
     nproc = settings.nproc_per_node or default_nproc_per_node(environ)
-    layout = _checked_layout(argv, nnodes, nproc)
+    layout = _checked_layout(argv, nnodes, nproc, check_files=not settings.dry_run)
     job_id = environ.get("SLURM_JOB_ID")
     port = settings.master_port or slurm_default_port(job_id)
     world = nnodes * nproc
@@ -378,7 +386,7 @@ def plan_mpirun(settings: LaunchSettings, argv: Sequence[str], environ: Mapping[
         raise LaunchConfigError(f"NNODES {settings.nnodes} needs HOSTS (or --hosts): the node names, comma separated")
     nnodes = len(hosts) if hosts else 1
     nproc = settings.nproc_per_node or default_nproc_per_node(environ)
-    layout = _checked_layout(argv, nnodes, nproc)
+    layout = _checked_layout(argv, nnodes, nproc, check_files=not settings.dry_run)
     flavor = settings.extra.get("--mpi-flavor") or detect_mpi_flavor()
     if flavor is None:
         if not settings.dry_run:

@@ -65,16 +65,16 @@ def _initialize_distributed(args, world) -> torch.device:
 def agreed(step: Callable, *args, **kwargs):
     """Run ``step`` on every rank; if it raises a user-facing error on any rank, raise that error (the first
     failing rank's) on all of them, so the job stops together and rank 0 can report it once."""
-    failure = None
+    failure = result = None
     try:
         result = step(*args, **kwargs)
     except GranularMoEConfigError as error:
-        failure, result = (type(error).__name__, str(error)), None
+        failure = error
     failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    first = next((entry for entry in failures if entry is not None), None)
+    dist.all_gather_object(failures, None if failure is None else str(failure))
+    first = next((message for message in failures if message is not None), None)
     if first is not None:
-        raise GranularMoEConfigError(first[1])
+        raise failure if failure is not None and str(failure) == first else GranularMoEConfigError(first)
     return result
 
 
@@ -236,6 +236,9 @@ def _report_memory(engine) -> None:
     print(f"pretrain_gpt_moe: memory per rank: rank 0 {text(gathered[0])}; largest rank {text(largest)}", flush=True)
 
 
+REPORTING_GRACE_SECONDS = 3.0
+
+
 def _reports_errors() -> bool:
     """Whether this process prints user-facing errors: global rank 0 (or a process outside any job)."""
     try:
@@ -250,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GranularMoEConfigError as error:
         if _reports_errors():
             print(f"pretrain_gpt_moe: error: {error}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(REPORTING_GRACE_SECONDS)  # torchrun stops every rank when one exits: let rank 0 print
         return 2
     return 0
 
