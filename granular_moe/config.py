@@ -90,11 +90,16 @@ def granular_shape(
     )
 
 
-def apply_granularity(config, granularity: int):
+def apply_granularity(config, granularity: int, pre_softmax: bool | None = None):
     """Return a copy of a megatron-core ``TransformerConfig`` with its MoE fields made fine-grained.
 
     ``config`` holds the base MoE (``num_moe_experts=E``, ``moe_router_topk=k``, expert size ``d_ff``); the
     result holds ``E*G``, ``k*G`` and ``d_ff/G``: exactly what ``--moe-granularity G`` does to a Megatron job.
+
+    ``pre_softmax``: ``moe_router_pre_softmax`` of the result. By default the config's, except for a base
+    top-1 softmax router, which megatron-core only accepts with pre-softmax: there the result (top ``G``) takes
+    pre-softmax off, so its gates are renormalised as with ``--moe-granularity G`` in a Megatron-LM job (whose
+    top-k is made fine-grained before megatron-core checks it). Pass ``pre_softmax=True`` to keep it.
     """
     if config.num_moe_experts is None:
         raise GranularMoEConfigError("--moe-granularity needs an MoE model: set --num-experts (>= 1)")
@@ -108,11 +113,15 @@ def apply_granularity(config, granularity: int):
         granularity=granularity,
         expert_model_parallel_size=config.expert_model_parallel_size,
     )
+    if pre_softmax is None:
+        forced = config.moe_router_topk == 1 and config.moe_router_score_function == "softmax"
+        pre_softmax = config.moe_router_pre_softmax and not (forced and shape.topk > 1)
     return dataclasses.replace(
         config,
         num_moe_experts=shape.num_experts,
         moe_router_topk=shape.topk,
         moe_ffn_hidden_size=shape.expert_hidden_size,
+        moe_router_pre_softmax=pre_softmax,
     )
 
 
@@ -141,19 +150,10 @@ def check_layer_config(config, router_type: str) -> None:
             f"--moe-expert-capacity-factor must be > 0 (or unset for dropless), "
             f"got {config.moe_expert_capacity_factor}"
         )
+    check_routing_config(config, router_type)
     unsupported = {
         "--disable-bias-linear is required (expert and router biases)": config.add_bias_linear,
         "--expert-tensor-parallel-size must be 1": (config.expert_tensor_parallel_size or 1) != 1,
-        "--moe-router-score-function must be softmax": config.moe_router_score_function != "softmax",
-        "--moe-router-load-balancing-type must be aux_loss or none": (
-            config.moe_router_load_balancing_type not in ("aux_loss", "none")
-        ),
-        "--moe-shared-expert-intermediate-size is not supported": (
-            config.moe_shared_expert_intermediate_size is not None
-        ),
-        "--moe-aux-loss-coeff must be one value": isinstance(config.moe_aux_loss_coeff, (list, tuple)),
-        "--moe-router-enable-expert-bias is not supported": config.moe_router_enable_expert_bias,
-        "--moe-router-group-topk is not supported": config.moe_router_group_topk is not None,
         "--moe-pad-expert-input-to-capacity is not supported": config.moe_pad_expert_input_to_capacity,
         "--moe-latent-size is not supported": config.moe_latent_size is not None,
         "--moe-input-jitter-eps is not supported": config.moe_input_jitter_eps is not None,
@@ -164,7 +164,59 @@ def check_layer_config(config, router_type: str) -> None:
         "--recompute-modules moe is not supported": (
             config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or [])
         ),
+        "--moe-shared-expert-overlap is not supported (the shared expert runs while tokens travel with "
+        "the alltoall dispatcher's asynchronous exchange instead)": config.moe_shared_expert_overlap,
     }
     problems = [msg for msg, bad in unsupported.items() if bad]
     if problems:
         raise GranularMoEConfigError("GranularMoELayer: " + "; ".join(problems))
+
+
+def check_routing_config(config, router_type: str) -> None:
+    """Megatron's routing options as the granular routers take them: each valid combination accepted, each
+    other one refused naming its flags and the valid values."""
+    from granular_moe.balance import balance_coefficients
+    from granular_moe.scores import SCORE_FUNCTIONS
+
+    score_function = config.moe_router_score_function
+    if score_function not in SCORE_FUNCTIONS:
+        raise GranularMoEConfigError(
+            f"--moe-router-score-function {score_function!r} is not valid; valid values: {', '.join(SCORE_FUNCTIONS)}"
+        )
+    coefficients = balance_coefficients(config)
+    if config.moe_router_enable_expert_bias and score_function == "softmax":
+        raise GranularMoEConfigError(
+            "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid or sqrtsoftplus "
+            "(megatron-core's aux-loss-free balancing)"
+        )
+    if config.moe_router_bias_update_rate is not None and config.moe_router_bias_update_rate < 0:
+        raise GranularMoEConfigError(
+            f"--moe-router-bias-update-rate must be >= 0, got {config.moe_router_bias_update_rate}")
+    groups, group_topk, topk = config.moe_router_num_groups, config.moe_router_group_topk, config.moe_router_topk
+    if group_topk:
+        experts = config.num_moe_experts
+        if not groups or experts % groups:
+            raise GranularMoEConfigError(
+                f"--moe-router-group-topk {group_topk} needs --moe-router-num-groups dividing the {experts} experts "
+                f"(--num-experts x --moe-granularity); valid values: {_divisors(experts)}"
+            )
+        if not 1 <= group_topk <= groups or topk % group_topk or topk > group_topk * (experts // groups):
+            raise GranularMoEConfigError(
+                f"--moe-router-group-topk {group_topk} with --moe-router-num-groups {groups} and top-k {topk}: "
+                f"it must lie in 1..{groups}, divide the top-k (each chosen group contributes top-k / group-topk "
+                f"scores) and its groups must hold at least top-k experts ({experts // groups} each)"
+            )
+    if router_type == "expert_choice":
+        refused = {
+            "--moe-router-score-function sigmoid/sqrtsoftplus": score_function != "softmax",
+            "--moe-router-enable-expert-bias": config.moe_router_enable_expert_bias,
+            "--moe-router-group-topk": bool(group_topk),
+            "a load-balancing loss (--moe-aux-loss-coeff > 0; set it to 0 or --moe-router-load-balancing-type "
+            "none)": bool(coefficients),
+        }
+        named = [flag for flag, present in refused.items() if present]
+        if named:
+            raise GranularMoEConfigError(
+                "--moe-router-type expert_choice balances loads by construction (each expert takes the same number "
+                "of tokens) and scores by softmax; it does not combine with " + "; ".join(named)
+            )

@@ -35,7 +35,11 @@ class GranularMoELayer(MegatronModule):
     values (:func:`granular_moe.config.apply_granularity`). ``forward`` returns ``(output, None)`` like
     Megatron's MLPs. Parameters: ``router.weight [num_experts, hidden]``,
     ``experts.weight1 [num_local_experts, hidden, expert_hidden (x2 if gated)]``,
-    ``experts.weight2 [num_local_experts, expert_hidden, hidden]``.
+    ``experts.weight2 [num_local_experts, expert_hidden, hidden]``; with
+    ``--moe-shared-expert-intermediate-size`` megatron-core's ``SharedExpertMLP`` as ``shared_experts``
+    (``linear_fc1.weight [shared, hidden]``, ``linear_fc2.weight [hidden, shared]``, tensor-parallel like
+    Megatron's; ``gate_weight [1, hidden]`` with ``--moe-shared-expert-gate``), its output added to the routed
+    one. ``router.expert_bias [num_experts]`` (fp32 buffer) with ``--moe-router-enable-expert-bias``.
 
     After each forward, ``stats`` holds the layer's :class:`~granular_moe.router.RoutingStats`.
 
@@ -84,6 +88,13 @@ class GranularMoELayer(MegatronModule):
             self.dispatcher = LocalDispatcher(kernels)
         else:
             self.dispatcher = AllToAllDispatcher(groups.expert_parallel, num_local, kernels)
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size is not None:
+            build_shared = (submodules or GranularMoESubmodules()).shared_experts or _local_shared_experts()
+            self.shared_experts = build_shared(
+                config=config, pg_collection=pg_collection or _default_pg_collection(),
+                gate=config.moe_shared_expert_gate, name=None if name is None else name + ".shared_experts",
+            )
         self.stats: Optional[RoutingStats] = None
         if layer_number is not None:
             self.set_layer_number(layer_number)
@@ -108,12 +119,15 @@ class GranularMoELayer(MegatronModule):
             )
         x = hidden_states.reshape(seq * batch, hidden)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
-        routing, self.stats = self.router(x, valid)
+        routing, self.stats = self.router(x, valid, sequence_shape=(seq, batch))
         if sharing_tokens:
             output = self._run_on_token_share(x, routing)
         else:
             output = self.dispatcher(x, routing, self.experts)
-        return output.view(seq, batch, hidden), None
+        output = output.view(seq, batch, hidden)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(hidden_states).to(output.dtype)
+        return output, None
 
     def _run_on_token_share(self, x: torch.Tensor, routing) -> torch.Tensor:
         """Without sequence parallelism the tensor-parallel ranks hold the same tokens: each runs the
@@ -126,6 +140,22 @@ class GranularMoELayer(MegatronModule):
             self.experts,
         )
         return gather_tokens(share, self.tp_group)
+
+
+def _local_shared_experts():
+    """megatron-core's shared-expert builder with its local (non Transformer Engine) linear layers, for a layer
+    built without a spec."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+
+    return get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=1).keywords["submodules"].shared_experts
+
+
+def _default_pg_collection():
+    """megatron-core's tensor-parallel group, what a shared expert built outside a model needs."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
 
 
 def _tensor_parallel_group(pg_collection):

@@ -1,11 +1,19 @@
 """Routers: token choice (each token takes its top-k experts) and expert choice (each expert takes its
-top-C tokens), with the Switch load-balancing loss and the z-loss.
+top-C tokens), with the load-balancing losses, the z-loss and aux-loss-free expert bias.
 
-Both return a :class:`Routing`: the kept (token, expert, gate) assignments in token-major order, the
-layout every dispatcher and kernel of this package consumes. Losses reach the backward pass the way
-Megatron's router does it: attached with ``MoEAuxLossAutoScaler`` to a tensor on the output path, scaled by
-the schedule's loss scale, and recorded in Megatron's aux-loss tracker under its names
-(``load_balancing_loss``, ``z_loss``).
+Both return a :class:`Routing`: the kept (token, expert, gate) assignments in token-major order, the layout
+every dispatcher and kernel of this package consumes. Expert selection follows megatron-core 0.19
+(:mod:`granular_moe.scores`: softmax, sigmoid or sqrt-softplus scores, pre-softmax, group-limited top-k,
+scaling factor, expert bias), and so do the losses (:mod:`granular_moe.balance`). Losses reach the backward
+pass the way Megatron's router does it: attached with ``MoEAuxLossAutoScaler`` to a tensor on the output path,
+scaled by the schedule's loss scale, and recorded in Megatron's aux-loss tracker under its names
+(``load_balancing_loss``, ``seq_load_balancing_loss``, ``global_load_balancing_loss``, ``z_loss``).
+
+Aux-loss-free balancing (``--moe-router-enable-expert-bias``) keeps megatron-core's buffers
+``expert_bias [E]`` (fp32, saved with the model) and ``local_tokens_per_expert [E]``: the loads of the step's
+micro-batches accumulate in the latter, and megatron-core's ``finalize_model_grads`` (the main job's and
+Megatron-LM's) updates the bias once per optimizer step from the loads summed over the tensor- and
+data-parallel ranks (``bias += rate * sign(mean load - load)``), identically on every rank, then clears them.
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from granular_moe import balance
 from granular_moe.config import GranularMoEConfigError
+from granular_moe.scores import Selection, aux_loss_scores, select_experts
 
 
 class RouterLogitsError(FloatingPointError):
@@ -47,8 +58,16 @@ class RoutingStats:
     dropped: torch.Tensor  # assignments dropped by the capacity limit
     unrouted_tokens: torch.Tensor  # tokens left with no expert at all (zero output)
     z_loss: torch.Tensor  # mean(logsumexp(logits)^2) without its coefficient
-    # Switch loss without its coefficient (1.0 when balanced); None for expert choice, balanced by design
-    load_balancing_loss: Optional[torch.Tensor] = None
+    # The configured balance losses without their coefficients, by type (1.0 when balanced); empty for expert
+    # choice, balanced by design
+    balance_losses: Optional[dict] = None
+
+    @property
+    def load_balancing_loss(self) -> Optional[torch.Tensor]:
+        """The first configured balance loss (the micro-batch Switch loss when it is configured)."""
+        if not self.balance_losses:
+            return None
+        return self.balance_losses.get("aux_loss", next(iter(self.balance_losses.values())))
 
 
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
@@ -56,23 +75,11 @@ def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_facto
     return math.ceil(num_tokens * topk * capacity_factor / num_experts)
 
 
-def switch_load_balancing_loss(
-    probs: torch.Tensor,
-    tokens_per_expert: torch.Tensor,
-    num_tokens: int | torch.Tensor,
-    topk: int,
-) -> torch.Tensor:
-    """Switch loss without coefficient: ``E * sum_i f_i * P_i``.
-
-    ``f_i = tokens_per_expert[i] / (T * k)``, the share of routed slots that go to expert i, and
-    ``P_i = sum_t probs[t, i] / T``. ``probs`` may be the local share of a larger batch whose counts and
-    token total are given (Megatron's convention with sequence parallelism): the per-rank losses then
-    sum to the loss of the whole batch.
-    """
-    num_experts = probs.shape[-1]
-    f = tokens_per_expert.to(probs.dtype) / (num_tokens * topk)
-    p = probs.sum(dim=0) / num_tokens
-    return num_experts * torch.sum(f * p)
+def switch_load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, num_tokens, topk: int):
+    """Switch loss without coefficient: ``E * sum_i f_i * P_i`` (``f_i = tokens_per_expert[i] / (T k)``,
+    ``P_i = sum_t probs[t, i] / T``); ``probs`` may be a rank's share of a batch whose counts and token total
+    are given, and the per-rank losses then sum to the batch's."""
+    return balance.switch_loss(probs, tokens_per_expert.to(probs.dtype), num_tokens, topk, probs.shape[-1])
 
 
 def router_z_loss(logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -100,9 +107,9 @@ class _Router(torch.nn.Module):
         # Ranks holding other tokens of the same micro-batch (tensor/sequence parallel peers).
         self.token_group = token_group
         self.layer_number: Optional[int] = None
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+        self.device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
         self.weight = torch.nn.Parameter(
-            torch.empty(self.num_experts, config.hidden_size, dtype=config.params_dtype, device=device)
+            torch.empty(self.num_experts, config.hidden_size, dtype=config.params_dtype, device=self.device)
         )
         if config.perform_initialization:
             config.init_method(self.weight)
@@ -136,14 +143,18 @@ class _Router(torch.nn.Module):
     def _num_layers(self) -> int:
         return self.config.num_layers + (self.config.mtp_num_layers or 0)
 
-    def _attach(self, tensor, loss, coeff: float, name: str, num_tokens, share_of_sum: bool) -> torch.Tensor:
+    def _attach(self, tensor, loss, coeff: float, name: str, num_tokens, share_of_sum: bool,
+                record_group=None, needs_dp_avg: bool = True) -> torch.Tensor:
         """Attach ``coeff * loss`` to ``tensor``'s backward and record it for Megatron's aux-loss log, which
-        sums the record over the token group: a loss that is this rank's share of a sum goes in as it is, a
-        local mean as its share of the group's mean."""
+        sums the record over ``record_group`` (the token group by default): a loss that is this rank's share
+        of a sum goes in as it is, a local mean as its share of the group's mean."""
         if coeff == 0 or not self._attaching():
             return tensor
         tracked = loss.detach() if share_of_sum else loss.detach() / self._token_group_size()
-        save_to_aux_losses_tracker(name, tracked, self.layer_number, self._num_layers(), reduce_group=self.token_group)
+        get_moe_metrics_tracker().record(
+            name, tracked, self.layer_number, self._num_layers(),
+            reduce_group=record_group if record_group is not None else self.token_group, needs_dp_avg=needs_dp_avg,
+        )
         scaled = coeff * loss
         if self.config.calculate_per_token_loss:
             scaled = scaled * num_tokens
@@ -158,32 +169,58 @@ class _Router(torch.nn.Module):
 
 
 class TokenChoiceRouter(_Router):
-    """Each token takes its top-k experts.
+    """Each token takes its top-k experts, chosen and weighted as megatron-core's ``TopKRouter`` does
+    (:mod:`granular_moe.scores`). With ``--moe-expert-capacity-factor`` each expert keeps at most
+    ``ceil(T*k*cf/E)`` assignments, chosen by ``--moe-token-drop-policy`` (highest gate first, or first in
+    token order). Load-balancing losses: :mod:`granular_moe.balance`."""
 
-    ``s = softmax(x W_r^T)`` in fp32; the top-k entries are kept and renormalised to sum to one when
-    k > 1 (k = 1 keeps the raw probability, so the router still gets a gradient). With
-    ``--moe-expert-capacity-factor`` each expert keeps at most ``ceil(T*k*cf/E)`` assignments, chosen by
-    ``--moe-token-drop-policy`` (highest gate first, or first in token order).
-    """
+    def __init__(self, config, token_group: Optional[dist.ProcessGroup] = None):
+        super().__init__(config, token_group)
+        self.selection = Selection.from_config(config)
+        self.balance_coefficients = balance.balance_coefficients(config)
+        self.enable_expert_bias = bool(config.moe_router_enable_expert_bias)
+        if self.enable_expert_bias:
+            zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=self.device)
+            self.register_buffer("expert_bias", zeros.clone())
+            self.register_buffer("local_tokens_per_expert", zeros.clone(), persistent=False)
+        else:
+            self.expert_bias = self.local_tokens_per_expert = None
+        if "global_aux_loss" in self.balance_coefficients:
+            loads = torch.zeros(self.num_experts, dtype=torch.float64, device=self.device)
+            self.register_buffer("global_tokens_per_expert", loads, persistent=False)
+            self.register_buffer("ga_steps", torch.zeros((), dtype=torch.float64, device=self.device), persistent=False)
+        else:
+            self.global_tokens_per_expert = self.ga_steps = None
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None):
+    def reset_global_aux_loss_tracker(self) -> None:
+        """Called by megatron-core's ``finalize_model_grads`` after each step: a new global batch begins."""
+        if self.global_tokens_per_expert is not None:
+            self.global_tokens_per_expert.zero_()
+            self.ga_steps.zero_()
+
+    def _float32_bias(self) -> None:
+        """megatron-core's ``_maintain_float32_expert_bias``: ``Float16Module`` casts buffers to bf16; the
+        bias and its loads stay fp32, so that routing and its updates are exact."""
+        for name in ("expert_bias", "local_tokens_per_expert"):
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                buffer.data = buffer.data.float()
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, sequence_shape: Optional[tuple] = None):
         num_tokens, k, num_experts = x.shape[0], self.topk, self.num_experts
+        if self.enable_expert_bias:
+            self._float32_bias()
         logits = self.gate_logits(x)
         z_value, logits = self._z_loss(logits, valid)
-        probs = torch.softmax(logits, dim=-1)
-        top_probs, top_experts = probs.topk(k, dim=-1)
+        gate, top_experts = select_experts(logits, self.selection, self.expert_bias)
         top_experts, order = top_experts.sort(dim=-1)
-        gate = top_probs.gather(-1, order)
-        if k > 1:
-            gate = gate / gate.sum(dim=-1, keepdim=True)
-        if self.config.moe_router_topk_scaling_factor:
-            gate = gate * self.config.moe_router_topk_scaling_factor
-
-        gate, balance = self._load_balancing(gate, probs, top_experts, valid)
+        gate = gate.gather(-1, order)
+        gate, losses = self._balance(gate, logits, valid, sequence_shape or (num_tokens, 1))
 
         flat_experts = top_experts.reshape(-1)
         flat_gate = gate.reshape(-1)
         capacity_factor = self.config.moe_expert_capacity_factor
+        keep = None
         if capacity_factor is None:
             kept_per_token = torch.full((num_tokens,), k, dtype=torch.long, device=x.device)
             expert_index, weight = flat_experts, flat_gate
@@ -194,38 +231,63 @@ class TokenChoiceRouter(_Router):
             expert_index, weight = flat_experts[keep], flat_gate[keep]
 
         tokens_per_expert = torch.bincount(expert_index, minlength=num_experts)
+        if self.enable_expert_bias and self._attaching():
+            self._count_loads(flat_experts, keep, valid)
         stats = RoutingStats(
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=num_tokens * k - kept_per_token.sum(),
             unrouted_tokens=(kept_per_token == 0).sum(),
-            load_balancing_loss=balance,
+            balance_losses=losses,
             z_loss=z_value.detach(),
         )
         routing = Routing(expert_index, weight, _offsets_from_counts(kept_per_token), num_experts)
         return routing, stats
 
-    def _load_balancing(self, gate, probs, top_experts, valid):
-        """The unscaled Switch loss over the whole (sequence-parallel) batch; gate carries its gradient."""
-        if valid is None:
-            counts = torch.bincount(top_experts.reshape(-1), minlength=self.num_experts)
-            num_tokens = torch.tensor(float(probs.shape[0]), dtype=probs.dtype, device=probs.device)
-        else:
-            counts = torch.bincount(top_experts[valid].reshape(-1), minlength=self.num_experts)
-            probs = probs * valid.unsqueeze(-1)
-            num_tokens = valid.sum().to(probs.dtype)
-        local_tokens = num_tokens
-        if self._token_group_size() > 1:
-            counts_and_tokens = torch.cat([counts.to(probs.dtype), num_tokens.view(1)])
-            dist.all_reduce(counts_and_tokens, group=self.token_group)
-            counts, num_tokens = counts_and_tokens[:-1], counts_and_tokens[-1]
-        # clamped: a micro-batch of padding only has no valid token, and a zero loss rather than 0 / 0
-        balance = switch_load_balancing_loss(probs, counts, num_tokens.clamp_min(1), self.topk)
-        if self.config.moe_router_load_balancing_type == "none":
-            return gate, balance.detach()
-        gate = self._attach(
-            gate, balance, self.config.moe_aux_loss_coeff, "load_balancing_loss", local_tokens, share_of_sum=True
-        )
-        return gate, balance.detach()
+    @torch.no_grad()
+    def _count_loads(self, flat_experts, keep, valid) -> None:
+        """Add this micro-batch's kept assignments of (valid) tokens to the loads the bias update reads."""
+        counted = torch.ones_like(flat_experts, dtype=torch.bool) if keep is None else keep
+        if valid is not None:
+            counted = counted & valid.repeat_interleave(self.topk)
+        loads = torch.bincount(flat_experts[counted], minlength=self.num_experts)
+        self.local_tokens_per_expert += loads.to(self.local_tokens_per_expert.dtype)
+
+    def _balance(self, gate, logits, valid, sequence_shape):
+        """The configured load-balancing losses (unscaled, detached, by type; the micro-batch Switch loss is
+        reported even when not configured, for the logs); ``gate`` carries their gradient when training."""
+        losses = {}
+        scores, chosen = aux_loss_scores(logits, self.topk, self.selection.score_function)
+        kinds = {
+            "aux_loss": lambda: balance.batch_loss(scores, chosen, valid, self.topk, self.token_group),
+            "seq_aux_loss": lambda: balance.sequence_loss(scores, chosen, valid, self.topk, self.token_group,
+                                                          sequence_shape),
+            "global_aux_loss": lambda: balance.global_loss(scores, chosen, valid, self.topk, self._global_group(),
+                                                           self.global_tokens_per_expert, self.ga_steps),
+        }
+        local_tokens = logits.shape[0] if valid is None else valid.sum()
+        for kind, coefficient in self.balance_coefficients.items():
+            if kind == "global_aux_loss" and not self._attaching():
+                continue  # the global batch's loads are a training quantity
+            loss = kinds[kind]()
+            global_kind = kind == "global_aux_loss"
+            gate = self._attach(gate, loss, coefficient, balance.TRACKER_NAMES[kind], local_tokens, share_of_sum=True,
+                                record_group=self._global_group() if global_kind else None,
+                                needs_dp_avg=not global_kind)
+            losses[kind] = loss.detach()
+        if "aux_loss" not in losses:
+            losses["aux_loss"] = kinds["aux_loss"]().detach()
+        return gate, losses
+
+    def _global_group(self):
+        """The ranks holding tokens of the global batch: the data-parallel group, and the tensor-parallel group
+        too under sequence parallelism (without it tensor-parallel ranks route the same tokens)."""
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            return None
+        if self.token_group is not None:
+            return parallel_state.get_tensor_and_data_parallel_group()
+        return parallel_state.get_data_parallel_group()
 
     def _capacity_mask(self, experts: torch.Tensor, gate: torch.Tensor, capacity: int) -> torch.Tensor:
         """Keep, per expert, the ``capacity`` assignments first in drop-policy order."""
@@ -248,12 +310,13 @@ class ExpertChoiceRouter(_Router):
 
     ``s = softmax(x W_r^T)`` over experts; ``C = ceil(T * k * cf / E)`` with ``cf`` the capacity factor
     (1.0 when unset), so the layer does the work of top-k routing. A token may be taken by any number of
-    experts, including none. The gate is the raw probability. Loads are balanced by construction, so no
-    load-balancing loss is attached; the z-loss is. The choice looks at the whole batch: tokens influence
-    each other's routing, as in the paper's expert-choice models.
+    experts, including none. The gate is the probability (times ``--moe-router-topk-scaling-factor`` when
+    set). Loads are balanced by construction: no load-balancing loss, expert bias, other score function or group
+    limit applies (each is refused by name); the z-loss does. The choice looks at the whole batch: tokens
+    influence each other's routing, as in the paper's expert-choice models.
     """
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, sequence_shape: Optional[tuple] = None):
         num_tokens, num_experts = x.shape[0], self.num_experts
         logits = self.gate_logits(x)
         z_value, logits = self._z_loss(logits, valid)
@@ -261,6 +324,8 @@ class ExpertChoiceRouter(_Router):
         capacity_factor = self.config.moe_expert_capacity_factor or 1.0
         capacity = min(num_tokens, expert_capacity(num_tokens, self.topk, num_experts, capacity_factor))
         chosen_probs, chosen_tokens = probs.t().topk(capacity, dim=-1)  # [E, C]
+        if self.config.moe_router_topk_scaling_factor:
+            chosen_probs = chosen_probs * self.config.moe_router_topk_scaling_factor
         experts = torch.arange(num_experts, device=x.device).repeat_interleave(capacity)
         tokens = chosen_tokens.reshape(-1)
         order = torch.argsort(tokens * num_experts + experts)
@@ -271,6 +336,7 @@ class ExpertChoiceRouter(_Router):
             dropped=torch.zeros((), dtype=torch.long, device=x.device),
             unrouted_tokens=(per_token == 0).sum(),
             z_loss=z_value.detach(),
+            balance_losses={},
         )
         routing = Routing(
             experts[order], chosen_probs.reshape(-1)[order], _offsets_from_counts(per_token), num_experts

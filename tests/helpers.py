@@ -14,7 +14,7 @@ def moe_config(granularity=1, num_experts=4, topk=2, hidden=16, ffn=64, dtype=to
         num_attention_heads=2,
         num_moe_experts=num_experts,
         moe_router_topk=topk,
-        moe_router_pre_softmax=topk == 1,
+        moe_router_pre_softmax=topk == 1,  # megatron-core requires it for top-1 softmax (apply_granularity: k*G)
         ffn_hidden_size=ffn,
         add_bias_linear=False,
         use_cpu_initialization=True,

@@ -202,3 +202,21 @@ def test_saved_metadata_is_megatron_lms(gloo_world, tmp_path):
     assert common["args"].consumed_train_samples == 4 and common["args"].num_layers == 2
     content = dist_checkpointing.load_content_metadata(str(directory))
     assert content["distrib_optim_sharding_type"] == "fully_reshardable"
+
+
+def test_the_expert_bias_and_the_shared_expert_round_trip(gloo_world, tmp_path):
+    routing = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+               "--moe-router-bias-update-rate", "0.1", "--moe-shared-expert-intermediate-size", "24",
+               "--moe-shared-expert-gate"]
+    args, built = trained(routing, steps=2)
+    biases = {n: b.clone() for n, b in built.modules[0].named_buffers() if n.endswith("expert_bias")}
+    assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases.values())  # updated by the steps
+    assert any("shared_experts.linear_fc1" in name for name in weights(built))
+    save_checkpoint(tmp_path, TrainingState(2, 4), built, args)
+    fresh_args, fresh = engine(routing, seed=1)
+    load_checkpoint(find_checkpoint(tmp_path), fresh, fresh_args)
+    assert_same_weights(weights(fresh), weights(built))
+    for name, bias in fresh.modules[0].named_buffers():
+        if name.endswith("expert_bias"):
+            assert bias.dtype == torch.float32
+            torch.testing.assert_close(bias, biases[name], rtol=0, atol=0)

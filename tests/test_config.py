@@ -77,7 +77,8 @@ def test_apply_granularity_needs_an_moe_model():
     "overrides, message",
     [
         (dict(add_bias_linear=True), "--disable-bias-linear is required"),
-        (dict(moe_shared_expert_intermediate_size=16), "--moe-shared-expert-intermediate-size is not supported"),
+        (dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_overlap=True),
+         "--moe-shared-expert-overlap is not supported"),
         (dict(context_parallel_size=2), "--context-parallel-size must be 1"),
         (dict(moe_router_force_load_balancing=True), "--moe-router-force-load-balancing is not supported"),
         (dict(moe_apply_probs_on_input=True, topk=1), "--moe-apply-probs-on-input is not supported"),
@@ -86,7 +87,17 @@ def test_apply_granularity_needs_an_moe_model():
             dict(recompute_granularity="selective", recompute_modules=["moe"]),
             "--recompute-modules moe is not supported",
         ),
-        (dict(moe_router_load_balancing_type="sinkhorn"), "--moe-router-load-balancing-type must be aux_loss or none"),
+        (dict(moe_router_load_balancing_type="sinkhorn"),
+         "--moe-router-load-balancing-type 'sinkhorn' is not supported by the granular layer; valid values: aux_loss, "
+         "seq_aux_loss, global_aux_loss, none"),
+        (dict(moe_router_enable_expert_bias=True),
+         "--moe-router-enable-expert-bias needs --moe-router-score-function"),
+        (dict(moe_router_num_groups=3, moe_router_group_topk=1),
+         "needs --moe-router-num-groups dividing the 8 experts"),
+        (dict(moe_router_num_groups=4, moe_router_group_topk=3),
+         "--moe-router-group-topk 3 with --moe-router-num-groups 4"),
+        (dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"], moe_aux_loss_coeff=[0.1]),
+         "give --moe-aux-loss-coeff a list of 2 coefficients"),
         (
             dict(moe_token_drop_policy="random"),
             "--moe-token-drop-policy 'random' is not valid; valid values: probs, position",

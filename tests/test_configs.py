@@ -37,10 +37,36 @@ def commented_number(name, label):
     return int(re.search(rf"^#\s+{label}: .*?= ([\d,]+)", text, re.M).group(1).replace(",", ""))
 
 
+PRESETS = ("deepseek_tiny", "qwen3_tiny")
+
+
 def test_every_config_file_is_known_here():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
     assert names == {"cpu_default", "sweep_cpu", "sweep_gpu"} | {f"{kind}_{size}" for kind in ("moe", "dense")
-                                                                 for size in SIZES}
+                                                                 for size in (*SIZES, *PRESETS)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_todays_model_presets_and_their_dense_counterparts(preset):
+    """The DeepSeek-V3- and Qwen3-style presets: their routing options, and dense counterparts whose active
+    parameters equal theirs but for the routers (the numbers written in the files' comments)."""
+    from granular_moe.scaling import count_parameters, shape_from_args
+
+    moe, dense = load(f"moe_{preset}"), load(f"dense_{preset}")
+    active = {name: count_parameters(shape_from_args(args)) for name, args in (("moe", moe), ("dense", dense))}
+    assert active["moe"].active - active["moe"].embedding - active["moe"].router == (
+        active["dense"].active - active["dense"].embedding)
+    assert active["moe"].active - active["moe"].embedding == commented_number(f"moe_{preset}", "active")
+    assert active["dense"].active - active["dense"].embedding == commented_number(f"dense_{preset}", "active")
+    if preset == "deepseek_tiny":
+        assert (moe.moe_router_score_function, moe.moe_router_enable_expert_bias) == ("sigmoid", True)
+        assert (moe.moe_router_num_groups, moe.moe_router_group_topk) == (4, 2)
+        assert moe.moe_shared_expert_intermediate_size == moe.moe_ffn_hidden_size == 64
+        assert moe.moe_router_load_balancing_type == "seq_aux_loss" and moe.moe_layer_freq == [0, 1, 1, 1]
+    else:
+        assert (moe.moe_router_load_balancing_type, moe.moe_aux_loss_coeff) == ("global_aux_loss", 1e-3)
+        assert moe.moe_shared_expert_intermediate_size is None and moe.qk_layernorm and moe.num_query_groups == 2
+    assert check_layout(moe, 2).num_experts == moe.num_experts
 
 
 @pytest.mark.parametrize("name", ["cpu_default", "sweep_cpu", "sweep_gpu"])

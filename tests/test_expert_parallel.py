@@ -26,8 +26,8 @@ def case_config(case, ep=1, tp=1):
         sequence_parallel=case.get("sequence_parallel", False) and tp > 1,
         moe_expert_capacity_factor=case.get("capacity_factor"),
         moe_token_drop_policy=case.get("drop_policy", "probs"),
-        moe_aux_loss_coeff=case.get("aux", 0.0),
         moe_z_loss_coeff=case.get("z"),
+        **{"moe_aux_loss_coeff": case.get("aux", 0.0), **case.get("routing", {})},
     )
 
 
@@ -44,7 +44,12 @@ def case_data(case, num_inputs):
         "router": normal(experts, hidden),
         "weight1": normal(experts, hidden, expert_hidden, scale=0.3),
         "weight2": normal(experts, expert_hidden, hidden, scale=0.3),
+        "bias": normal(experts, scale=0.3).float(),
     }
+    if config.moe_shared_expert_intermediate_size:
+        shared = config.moe_shared_expert_intermediate_size
+        weights.update(shared_fc1=normal(shared, hidden, scale=0.3), shared_fc2=normal(hidden, shared, scale=0.3),
+                       shared_gate=normal(1, hidden))
     inputs = [(normal(SEQ, BATCH, hidden), normal(SEQ, BATCH, hidden)) for _ in range(num_inputs)]
     return weights, inputs
 
@@ -55,6 +60,20 @@ def load_weights(layer, weights):
         layer.router.weight.copy_(weights["router"])
         layer.experts.weight1.copy_(weights["weight1"][ids])
         layer.experts.weight2.copy_(weights["weight2"][ids])
+        if getattr(layer.router, "expert_bias", None) is not None:
+            layer.router.expert_bias.copy_(weights["bias"])
+        if layer.shared_experts is not None:
+            layer.shared_experts.linear_fc1.weight.copy_(weights["shared_fc1"])
+            layer.shared_experts.linear_fc2.weight.copy_(weights["shared_fc2"])
+            if layer.shared_experts.gate_weight is not None:
+                layer.shared_experts.gate_weight.copy_(weights["shared_gate"])
+
+
+def shared_grads(layer):
+    """The shared expert's weight gradients by name (empty without one)."""
+    if layer.shared_experts is None:
+        return {}
+    return {name: p.grad.clone() for name, p in layer.shared_experts.named_parameters()}
 
 
 def single_process_reference(case, weights, x, projection):
@@ -73,6 +92,7 @@ def single_process_reference(case, weights, x, projection):
         "dropped": int(layer.stats.dropped),
         "tokens_per_expert": layer.stats.tokens_per_expert,
         "z_loss": layer.stats.z_loss,
+        "shared": shared_grads(layer),
     }
 
 
@@ -125,6 +145,7 @@ def distributed_worker(rank, world_size, tp, ep, cases, megatron_lm=False):
                 "weight1_grad": layer.experts.weight1.grad,
                 "weight2_grad": layer.experts.weight2.grad,
                 "expert_ids": layer.experts.global_expert_ids,
+                "shared": shared_grads(layer),
                 "dropped": int(layer.stats.dropped),
                 "tokens_per_expert": layer.stats.tokens_per_expert,
                 "traffic": None if traffic is None else vars(traffic),
@@ -160,11 +181,17 @@ EP_CASES = [
     dict(granularity=4, capacity_factor=0.75, drop_policy="position"),
     dict(granularity=2, router="expert_choice", capacity_factor=0.5),
     dict(granularity=4, aux=1e-2, z=1e-3),
+    # today's fine-grained models: sigmoid scores steered by an expert bias, group-limited, a gated shared expert
+    dict(granularity=4, z=1e-3, routing=dict(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_topk_scaling_factor=1.5, moe_shared_expert_intermediate_size=24,
+        moe_shared_expert_gate=True, moe_router_load_balancing_type=["seq_aux_loss", "aux_loss"],
+        moe_aux_loss_coeff=[1e-2, 1e-3])),
 ]
 
 
 @pytest.mark.parametrize("ep, megatron_lm", [(2, False), (4, False), (2, True)], ids=["ep2", "ep4", "ep2-megatron-lm"])
-def test_expert_parallel_equals_single_process(ep, megatron_lm):
+def test_expert_parallel_equals_single_process(gloo_world, ep, megatron_lm):
     """megatron_lm: groups initialised as Megatron-LM's pretrain does, then joined by the plugin's spec."""
     cases = EP_CASES[:2] if megatron_lm else EP_CASES
     results = run_distributed(distributed_worker, ep, 1, ep, cases, megatron_lm)
@@ -184,6 +211,9 @@ def test_expert_parallel_equals_single_process(ep, megatron_lm):
             close(got["weight1_grad"], weight1_grad[ids])
             close(got["weight2_grad"], weight2_grad[ids])
         close(sum(results[r][index]["router_grad"] for r in range(ep)), router_grad)
+        for name in references[0]["shared"]:  # replicated over expert parallelism, like the router
+            expected = sum(ref["shared"][name] for ref in references)
+            close(sum(results[r][index]["shared"][name] for r in range(ep)), expected)
         if case.get("capacity_factor") and case.get("router") != "expert_choice":
             assert sum(results[r][index]["dropped"] for r in range(ep)) > 0
 
@@ -218,10 +248,13 @@ TP_CASES = [
     dict(granularity=2, router="expert_choice"),
     dict(granularity=4, aux=1e-2, z=1e-3),
     dict(granularity=4, aux=1e-2, z=1e-3, sequence_parallel=True),
+    dict(granularity=4, z=1e-3, sequence_parallel=True, routing=dict(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2)),
 ]
 
 
-def test_tensor_and_expert_parallel_equal_single_process():
+def test_tensor_and_expert_parallel_equal_single_process(gloo_world):
     tp, ep, world = 2, 2, 4
     results = run_distributed(distributed_worker, world, tp, ep, TP_CASES)
     for index, case in enumerate(TP_CASES):

@@ -2,6 +2,7 @@
 run of the whole sweep on the CPU."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,3 +63,22 @@ def test_two_step_sweep_on_the_cpu(tmp_path):
     assert result["summary"]["G2"]["experts"] == 16
     for png in ("final_loss_vs_granularity.png", "loss_vs_tokens.png", "loss_vs_time.png"):
         assert (out / png).stat().st_size > 5_000
+
+
+def test_balance_benchmark_runs_each_method_and_writes_its_table(tmp_path):
+    """benchmarks/bench_balance.py end to end on two methods and a few steps (the README's table is the
+    400-step run)."""
+    script = ROOT / "benchmarks" / "bench_balance.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--methods", "expert_bias,none", "--nproc", "1",
+         "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "2", "--eval-interval", "4",
+         "--corpus-max-bytes", "300000", "--eval-iters", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "balance.json").read_text())
+    assert set(saved["results"]) == {"expert_bias", "none"}
+    for method in saved["results"].values():
+        assert set(method["imbalance"]) == {"layer_1", "layer_2"}
+        assert all(value >= 1.0 for value in method["imbalance"].values())
+    assert (tmp_path / "balance.png").stat().st_size > 5_000
+    assert "expert_bias" in result.stdout and "imbalance per layer" in result.stdout

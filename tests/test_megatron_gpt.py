@@ -24,10 +24,9 @@ VOCAB, SEQ, BATCH = 64, 16, 4
 
 
 def gpt_config(**overrides):
-    return moe_config(
-        4, num_experts=4, topk=1, hidden=32, ffn=64, dtype=torch.float32, num_attention_heads=4,
-        moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3, **overrides,
-    )
+    settings = {"moe_aux_loss_coeff": 1e-2, "moe_z_loss_coeff": 1e-3, **overrides}
+    return moe_config(4, num_experts=4, topk=1, hidden=32, ffn=64, dtype=torch.float32, num_attention_heads=4,
+                      **settings)
 
 
 def lm_loss(model, tokens):
@@ -71,7 +70,7 @@ def test_moe_layer_freq_mixes_dense_and_granular_layers(gloo_world):
 
 
 def test_layer_spec_passes_router_type_and_megatron_options(gloo_world):
-    config = gpt_config(qk_layernorm=True)
+    config = gpt_config(qk_layernorm=True, moe_aux_loss_coeff=0.0)  # expert choice: balanced by construction
     spec = get_gpt_layer_local_spec(config.num_moe_experts, router_type="expert_choice", qk_layernorm=True)
     model = GPTModel(config, spec, VOCAB, SEQ)
     layer = model.decoder.layers[0]

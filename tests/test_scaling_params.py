@@ -29,6 +29,8 @@ def build_gpt(shape: ModelShape) -> GPTModel:
         normalization=shape.normalization,
         qk_layernorm=shape.qk_layernorm,
         add_bias_linear=shape.add_bias_linear,
+        moe_shared_expert_intermediate_size=shape.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=shape.moe_shared_expert_gate,
         use_cpu_initialization=True,
     )
     if moe:
@@ -50,6 +52,10 @@ SHAPES = {
         vocab_size=VOCAB, num_experts=4, moe_router_topk=2, moe_granularity=4, moe_layer_freq=[1, 0, 1],
         swiglu=True, normalization="RMSNorm", qk_layernorm=True, position_embedding_type="rope",
         untie_embeddings_and_output_weights=True),
+    "moe_g4_shared_gated_expert_mixed": ModelShape(
+        num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=VOCAB, num_experts=4,
+        moe_router_topk=1, moe_granularity=4, moe_layer_freq=[0, 1, 1], swiglu=True, normalization="RMSNorm",
+        position_embedding_type="rope", moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True),
     "dense_with_biases": ModelShape(
         num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=48, vocab_size=VOCAB,
         add_bias_linear=True, max_position_embeddings=SEQ),
@@ -66,6 +72,8 @@ def test_counts_equal_the_built_model(gloo_world, name):
     assert count.experts == sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
     assert count.embedding == sum(p.numel() for n, p in params.items() if "embedding" in n or "output_layer" in n)
     assert count.norms == sum(p.numel() for n, p in params.items() if "norm" in n)
+    assert count.shared_experts == sum(p.numel() for n, p in params.items() if ".shared_experts." in n)
+    assert (count.shared_experts > 0) == bool(shape.moe_shared_expert_intermediate_size)
 
 
 def test_granularity_keeps_expert_and_active_params_and_grows_the_router():

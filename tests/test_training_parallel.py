@@ -34,9 +34,10 @@ def global_name(name: str, layer_offset: int) -> str:
     return "embedding.word_embeddings.weight" if name == "output_layer.weight" else name
 
 
-def engine_step(flags, state=None):
-    """Build this rank's engine (weights from ``state`` when given), take one training step on this
-    data-parallel rank's micro-batches; the loss and every parameter's reduced gradient by global name."""
+def engine_step(flags, state=None, steps=1):
+    """Build this rank's engine (weights from ``state`` when given), take ``steps`` training steps on this
+    data-parallel rank's micro-batches; the losses, every parameter's reduced gradient (of the last step) by
+    global name, and the routers' expert biases."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -68,7 +69,7 @@ def engine_step(flags, state=None):
     engine = build_engine(args, config, VOCAB, chunks)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batches = micro_batches(args.global_batch_size // MICRO)[dp_rank::dp_size]
-    step = train_step(engine, batches, torch.device("cpu"))
+    losses = [train_step(engine, batches, torch.device("cpu")).loss for _ in range(steps)]
     grads, after, expert_ids = {}, {}, {}
     for chunk, offset in zip(engine.modules, offsets):
         for name, param in chunk.named_parameters():
@@ -76,13 +77,16 @@ def engine_step(flags, state=None):
             after[global_name(name, offset)] = param.detach().clone()
         expert_ids.update({global_name(n, offset): m.global_expert_ids for n, m in chunk.named_modules()
                            if hasattr(m, "global_expert_ids")})
-    return {"loss": step.loss, "grads": grads, "after": after, "expert_ids": expert_ids, "weights": initial,
+    biases = {global_name(n, offset): b.clone() for chunk, offset in zip(engine.modules, offsets)
+              for n, b in chunk.named_buffers() if n.endswith("expert_bias")}
+    return {"loss": losses[-1], "losses": losses, "biases": biases, "grads": grads, "after": after,
+            "expert_ids": expert_ids, "weights": initial,
             "marked": {n for chunk in engine.modules for n, p in chunk.named_parameters()
                        if getattr(p, "sequence_parallel", False)}}
 
 
-def parallel_worker(rank, world_size, flags, state):
-    return engine_step(flags, state)
+def parallel_worker(rank, world_size, flags, state, steps=1):
+    return engine_step(flags, state, steps)
 
 
 @pytest.mark.parametrize("world, flags", [
@@ -129,6 +133,32 @@ def test_distributed_optimizer_takes_the_same_step():
         moved = [name for name, weight in distributed["after"].items()
                  if "experts" not in name and not torch.equal(weight, single["weights"][name])]
         assert len(moved) == len([name for name in distributed["after"] if "experts" not in name])  # a real step
+
+
+ROUTING = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+           "--moe-router-bias-update-rate", "0.05", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+           "--moe-shared-expert-intermediate-size", "24", "--moe-shared-expert-gate",
+           "--moe-router-load-balancing-type", "seq_aux_loss", "aux_loss", "--moe-aux-loss-coeff", "0.01", "0.001"]
+
+
+def test_todays_routing_takes_the_same_steps_under_expert_parallelism():
+    """Sigmoid scores with the aux-loss-free expert bias, group-limited top-k, a gated shared expert and two
+    balance losses: three steps at EP 2 x DP 2 equal three steps of one process, and the bias, updated by
+    megatron-core's finalize_model_grads from the loads of the whole step, is the same on every rank."""
+    [single] = run_distributed(parallel_worker, 1, ROUTING, None, 3)
+    results = run_distributed(parallel_worker, 2, ROUTING + ["--expert-model-parallel-size", "2"], single["weights"], 3)
+    assert single["biases"] and all(bias.abs().sum() > 0 for bias in single["biases"].values())
+    for result in results:
+        assert result["losses"] == pytest.approx(single["losses"], rel=1e-6)
+        for name, bias in result["biases"].items():
+            torch.testing.assert_close(bias, single["biases"][name], rtol=0, atol=1e-6)
+        for name, grad in result["grads"].items():
+            expected = single["grads"][name]
+            module = name.rsplit(".", 1)[0]
+            if module in result["expert_ids"]:
+                expected = expected[result["expert_ids"][module]]
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert any("shared_experts.gate_weight" in name for name in single["grads"])
 
 
 def tensor_parallel_worker(rank, world_size, sequence_parallel):

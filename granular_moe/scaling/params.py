@@ -3,10 +3,12 @@
 Counts what the model holds: word (and learned position) embeddings, an untied output layer, per layer the
 attention projections (grouped-query attention included), norms (LayerNorm: weight and bias; RMSNorm: weight),
 and either Megatron's dense MLP or the granular MoE layer (``router [E*G, h]``, ``experts.weight1
-[E*G, h, d_e]`` (``2 d_e`` gated), ``experts.weight2 [E*G, d_e, h]``, ``d_e = d_ff / G``), then the final norm.
+[E*G, h, d_e]`` (``2 d_e`` gated), ``experts.weight2 [E*G, d_e, h]``, ``d_e = d_ff / G``; a shared expert of
+``--moe-shared-expert-intermediate-size`` (its own size, not cut by G), plus ``[1, h]`` with its gate), then the
+final norm.
 
 * ``active``: what one token uses: everything except the experts it is not routed to (``k*G`` of ``E*G``
-  experts are active; the whole router is).
+  experts are active; the whole router and the shared expert are).
 * ``law``: the scaling law's ``N``: linear weights of attention, dense MLPs and all experts; no embeddings,
   norms or routers (Krajewski et al. 2024, Section 6.1: ``N = d_model**2 (8E + 4) n_blocks`` for their models).
 """
@@ -44,6 +46,8 @@ class ModelShape:
     max_position_embeddings: int = 0
     untie_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -84,10 +88,12 @@ class ParameterCount:
     router: int
     experts: int
     active_experts: int
+    shared_experts: int = 0
 
     @property
     def total(self) -> int:
-        return self.embedding + self.attention + self.norms + self.dense_mlp + self.router + self.experts
+        return (self.embedding + self.attention + self.norms + self.dense_mlp + self.router + self.experts
+                + self.shared_experts)
 
     @property
     def active(self) -> int:
@@ -99,7 +105,12 @@ class ParameterCount:
 
     @property
     def law(self) -> int:
-        return self.attention + self.dense_mlp + self.experts
+        return self.attention + self.dense_mlp + self.experts + self.shared_experts
+
+    def training_flops_per_token(self) -> int:
+        """``6 x`` the active weights a token's forward multiplies with (linear layers of attention, dense MLPs,
+        active and shared experts, the router, the output layer), the usual count without attention scores."""
+        return 6 * (self.active - self.norms)
 
 
 def count_parameters(shape: ModelShape) -> ParameterCount:
@@ -115,7 +126,7 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
     gate = 2 if shape.swiglu else 1
     dense_mlp = (gate + 1) * shape.ffn_hidden_size * h + bias * (gate * shape.ffn_hidden_size + h)
 
-    router = experts = active_experts = 0
+    router = experts = active_experts = shared = 0
     n_moe = sum(shape.moe_layers)
     if n_moe:
         fine = granular_shape(
@@ -129,6 +140,9 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
         router = n_moe * fine.num_experts * h
         experts = n_moe * fine.num_experts * per_expert
         active_experts = n_moe * fine.topk * per_expert
+        if shape.moe_shared_expert_intermediate_size:
+            shared = n_moe * ((gate + 1) * h * shape.moe_shared_expert_intermediate_size
+                              + (h if shape.moe_shared_expert_gate else 0))
 
     embedding = shape.vocab_size * h * (2 if shape.untie_embeddings_and_output_weights else 1)
     if shape.position_embedding_type == "learned_absolute":
@@ -141,6 +155,7 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
         router=router,
         experts=experts,
         active_experts=active_experts,
+        shared_experts=shared,
     )
 
 
@@ -168,4 +183,9 @@ def shape_from_args(args) -> ModelShape:
         position_embedding_type=args.position_embedding_type,
         max_position_embeddings=args.max_position_embeddings,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
+        qk_layernorm=args.qk_layernorm,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size if moe else None,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
     )

@@ -14,7 +14,9 @@ from typing import Sequence
 
 import yaml
 
+from granular_moe.balance import BALANCE_TYPES
 from granular_moe.config import DROP_POLICIES, GranularMoEConfigError
+from granular_moe.scores import SCORE_FUNCTIONS
 from granular_moe.megatron.arguments import add_granular_moe_args
 from granular_moe.training.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
     model.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    model.add_argument("--rotary-base", type=int, default=10000, help="rope's base period")
+    model.add_argument("--qk-layernorm", action="store_true", help="a norm on each head's queries and keys")
+    model.add_argument("--group-query-attention", action="store_true")
+    model.add_argument("--num-query-groups", type=int, default=None,
+                       help="key/value heads with --group-query-attention")
+    model.add_argument("--kv-channels", type=int, default=None, help="per-head width (default hidden / heads)")
     model.add_argument("--disable-bias-linear", action="store_true",
                        help="accepted for Megatron compatibility; this job never uses linear biases")
     model.add_argument("--hidden-dropout", type=float, default=0.0)
@@ -85,14 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe-ffn-hidden-size", type=int, default=None, help="base expert FFN size (default --ffn-hidden-size)"
     )
     moe.add_argument("--moe-layer-freq", type=moe_layer_freq_type, default=1)
-    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    moe.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0],
+                     help="one coefficient per --moe-router-load-balancing-type")
     moe.add_argument("--moe-z-loss-coeff", type=float, default=None)
     moe.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="unset: dropless")
     moe.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="probs")
-    moe.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "none"), default="aux_loss")
-    moe.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), default=None)
+    moe.add_argument("--moe-router-load-balancing-type", nargs="+", choices=BALANCE_TYPES, default=["aux_loss"],
+                     help="one or several of aux_loss (micro-batch), seq_aux_loss (per sequence), global_aux_loss "
+                     "(global batch), none")
+    moe.add_argument("--moe-router-score-function", choices=SCORE_FUNCTIONS, default="softmax")
     moe.add_argument("--moe-router-pre-softmax", action="store_true",
-                     help="accepted for Megatron compatibility: the granular router's softmax always precedes top-k")
+                     help="softmax over all experts before top-k, gates not renormalised (top-1 always)")
+    moe.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    moe.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                     help="aux-loss-free balancing: a per-expert bias on the selection scores (sigmoid scores)")
+    moe.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    moe.add_argument("--moe-router-num-groups", type=int, default=None, help="expert groups of group-limited routing")
+    moe.add_argument("--moe-router-group-topk", type=int, default=None, help="groups each token may use")
+    moe.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), default=None)
+    moe.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                     help="a shared expert (megatron-core's SharedExpertMLP) of this FFN size; --moe-granularity "
+                     "leaves it as given")
+    moe.add_argument("--moe-shared-expert-gate", action="store_true", help="a sigmoid gate on the shared expert")
     add_granular_moe_args(parser)
 
     parallel = parser.add_argument_group("parallelism")
@@ -183,6 +205,10 @@ def _yaml_value(action: argparse.Action, key, value, path: Path):
         if not isinstance(value, bool):
             raise GranularMoEConfigError(f"--config {path}: {key!r} ({flag}) must be true or false, got {value!r}")
         return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if action.nargs in ("+", "*"):
+        values = value if isinstance(value, list) else [value]
+        single = argparse.Action(action.option_strings, action.dest, type=action.type)
+        return [_yaml_value(single, key, entry, path) for entry in values]
     if action.type is None or (action.type is moe_layer_freq_type and isinstance(value, list)):
         return value
     kinds = {int: "an integer", float: "a number", Path: "a path"}
@@ -216,11 +242,12 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
             raise GranularMoEConfigError(f"--config {path}: unknown setting {key!r}")
         action = known[dest]
         value = _yaml_value(action, key, value, path)
-        if action.choices is not None and value is not None and value not in action.choices:
-            raise GranularMoEConfigError(
-                f"--config {path}: {action.option_strings[0]} {value!r} is not valid; valid values: "
-                f"{', '.join(str(choice) for choice in action.choices)}"
-            )
+        for entry in value if isinstance(value, list) and action.nargs in ("+", "*") else [value]:
+            if action.choices is not None and entry is not None and entry not in action.choices:
+                raise GranularMoEConfigError(
+                    f"--config {path}: {action.option_strings[0]} {entry!r} is not valid; valid values: "
+                    f"{', '.join(str(choice) for choice in action.choices)}"
+                )
         defaults[dest] = value
     for group in parser._mutually_exclusive_groups:
         chosen = [a.option_strings[0] for a in group._group_actions if defaults.get(a.dest, a.default) not in
@@ -248,6 +275,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         import torch
 
         args.bf16 = torch.cuda.is_available() and not args.fp32
+    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):  # one value: as Megatron-LM keeps it
+        value = getattr(args, name)
+        if isinstance(value, list) and len(value) == 1:
+            setattr(args, name, value[0])
     check_schedule(args)
     check_moe_flags(args)
     return args

@@ -117,6 +117,10 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
     if args.num_attention_heads % tp:
         problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by {TP_FLAG} (TP) "
                         f"{tp}; valid TP: {divisors(args.num_attention_heads)}")
+    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
+    if groups is not None and (groups % tp or args.num_attention_heads % groups):
+        problems.append(f"--num-query-groups {groups} must divide --num-attention-heads {args.num_attention_heads} and "
+                        f"be divisible by {TP_FLAG} (TP) {tp}")
     if args.sequence_parallel and tp == 1:
         problems.append(f"--sequence-parallel needs {TP_FLAG} (TP) > 1; drop it or raise TP")
     if args.sequence_parallel and args.seq_length % tp:

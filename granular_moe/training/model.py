@@ -38,6 +38,9 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
         normalization=args.normalization,
+        qk_layernorm=args.qk_layernorm,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=False,
@@ -64,7 +67,15 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             moe_token_drop_policy=args.moe_token_drop_policy,
             moe_router_load_balancing_type=args.moe_router_load_balancing_type,
             moe_router_dtype=args.moe_router_dtype,
-            # Megatron's own check wants it for top-1; the granular router's softmax always comes first.
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_router_num_groups=args.moe_router_num_groups,
+            moe_router_group_topk=args.moe_router_group_topk,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=args.moe_shared_expert_gate,
+            # top-1 softmax routing is pre-softmax (megatron-core refuses it otherwise: the gate would be 1)
             moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
         )
     return TransformerConfig(**fields)
@@ -137,6 +148,7 @@ def build_model_chunks(args: argparse.Namespace, config: TransformerConfig, voca
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
             vp_stage=vp_stage,
         )
         for param in model.parameters():
