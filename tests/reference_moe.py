@@ -59,15 +59,6 @@ def moe_forward(x, router_weight, weight1, weight2, gates_fn, activation=F.gelu,
     return out, logits, gates
 
 
-def switch_loss(logits, topk):
-    """E * sum_i f_i P_i, from the definition (f: share of the T*k routed slots, P: mean probability)."""
-    num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits, dim=-1)
-    chosen = probs.topk(topk, dim=-1).indices
-    f = torch.stack([(chosen == e).sum() for e in range(num_experts)]).double() / (num_tokens * topk)
-    return num_experts * sum(f[e] * probs[:, e].mean() for e in range(num_experts))
-
-
 def z_loss(logits):
     return (torch.logsumexp(logits, dim=-1) ** 2).mean()
 

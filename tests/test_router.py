@@ -28,13 +28,14 @@ def test_loss_values_match_hand_formulas():
     config, layer, x = layer_and_input()
     layer(x)
     logits = x.view(-1, config.hidden_size) @ layer.router.weight.t()
-    torch.testing.assert_close(layer.stats.load_balancing_loss, ref.switch_loss(logits, config.moe_router_topk))
+    expected = ref.switch_loss(torch.softmax(logits, -1), config.moe_router_topk)
+    torch.testing.assert_close(layer.stats.load_balancing_loss, expected)
     torch.testing.assert_close(layer.stats.z_loss, ref.z_loss(logits))
     # Spelled out once more for one tiny case: 2 tokens, 2 experts, top-1.
     tiny = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
     p = torch.softmax(tiny, -1)
     expected_switch = 2 * (1.0 * p[:, 0].mean() + 0.0 * p[:, 1].mean())  # both tokens pick expert 0
-    torch.testing.assert_close(ref.switch_loss(tiny, 1), expected_switch)
+    torch.testing.assert_close(ref.switch_loss(p, 1), expected_switch)
     expected_z = ((torch.log(torch.exp(tiny).sum(-1))) ** 2).mean()
     torch.testing.assert_close(ref.z_loss(tiny), expected_z)
 
@@ -54,7 +55,7 @@ def test_aux_and_z_gradients_reach_the_router(loss_scale):
     out_ref, logits, _ = ref.moe_forward(x.view(-1, config.hidden_size), *weights, gates_fn)
     main = (out_ref.view_as(x) * projection).sum()
     without_losses = torch.autograd.grad(loss_scale * main, weights[0], retain_graph=True)[0]
-    total = main + AUX * ref.switch_loss(logits, config.moe_router_topk) + Z * ref.z_loss(logits)
+    total = main + AUX * ref.switch_loss(torch.softmax(logits, -1), config.moe_router_topk) + Z * ref.z_loss(logits)
     (loss_scale * total).backward()
     torch.testing.assert_close(layer.router.weight.grad, weights[0].grad, rtol=1e-10, atol=1e-12)
     # ...and the losses did change the router gradient.
