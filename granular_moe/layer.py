@@ -10,8 +10,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from granular_moe.collectives import gather_tokens, split_tokens
 from granular_moe.config import check_layer_config
-from granular_moe.dispatch import AllToAllDispatcher, LocalDispatcher, gather_tokens, slice_routing, split_tokens
+from granular_moe.dispatch import build_dispatcher, slice_routing
 from granular_moe.experts import GroupedExperts
 from granular_moe.ops import check_kernel_backend
 from granular_moe.parallel import ParallelLayoutError, expert_parallel_groups
@@ -45,15 +46,21 @@ class GranularMoELayer(MegatronModule):
 
     Parallelism: experts are spread over the expert-parallel group made by
     :func:`granular_moe.parallel.initialize_model_parallel` or, after megatron-core's own initialisation,
-    :func:`granular_moe.parallel.expert_groups_from_megatron` (de-duplicated all-to-all). With tensor
-    parallelism and sequence parallelism each rank routes its own sequence shard (router losses over the
-    whole shard group, as Megatron does); without sequence parallelism every rank routes all tokens and
-    runs the experts on its ``1/TP`` of them, then the outputs are gathered.
+    :func:`granular_moe.parallel.expert_groups_from_megatron` (de-duplicated all-to-all; two levels when the
+    group spans nodes, see :func:`granular_moe.dispatch.build_dispatcher`). With tensor parallelism and
+    sequence parallelism each rank routes its own sequence shard (router losses over the whole shard group,
+    as Megatron does); without sequence parallelism every rank routes all tokens and runs the experts on its
+    ``1/TP`` of them, then the outputs are gathered.
+
+    The forward runs the dispatcher's phases (:mod:`granular_moe.dispatch`) around the experts; the shared
+    expert runs while the routed tokens travel.
 
     Args:
         router_type: ``token_choice`` (top-k experts per token) or ``expert_choice`` (top-C tokens per
             expert).
         kernels: ``auto`` or ``torch`` (see :mod:`granular_moe.ops`).
+        flat_all_to_all: one all-to-all level over the whole expert-parallel group even when it spans nodes
+            (for comparison; two levels otherwise).
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class GranularMoELayer(MegatronModule):
         name: Optional[str] = None,
         router_type: str = "token_choice",
         kernels: str = "auto",
+        flat_all_to_all: bool = False,
     ):
         super().__init__(config)
         check_layer_config(config, router_type)
@@ -84,10 +92,7 @@ class GranularMoELayer(MegatronModule):
         self.router = build_router(router_type, config, token_group=self.tp_group if sequence_sharded else None)
         num_local = config.num_moe_experts // ep_size
         self.experts = GroupedExperts(config, num_local, first_expert=ep_rank * num_local, kernels=kernels)
-        if ep_size == 1:
-            self.dispatcher = LocalDispatcher(kernels)
-        else:
-            self.dispatcher = AllToAllDispatcher(groups.expert_parallel, num_local, kernels)
+        self.dispatcher = build_dispatcher(groups, num_local, kernels, flat=flat_all_to_all)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             build_shared = (submodules or GranularMoESubmodules()).shared_experts or _local_shared_experts()
@@ -121,25 +126,27 @@ class GranularMoELayer(MegatronModule):
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
         routing, self.stats = self.router(x, valid, sequence_shape=(seq, batch))
         if sharing_tokens:
-            output = self._run_on_token_share(x, routing)
-        else:
-            output = self.dispatcher(x, routing, self.experts)
-        output = output.view(seq, batch, hidden)
-        if self.shared_experts is not None:
-            output = output + self.shared_experts(hidden_states).to(output.dtype)
-        return output, None
+            # Without sequence parallelism the tensor-parallel ranks hold the same tokens: each runs the
+            # experts on its share, then the shares are gathered.
+            size, rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+            start, stop = rank * x.shape[0] // size, (rank + 1) * x.shape[0] // size
+            x, routing = split_tokens(x, start, stop, self.tp_group), slice_routing(routing, start, stop, self.tp_group)
 
-    def _run_on_token_share(self, x: torch.Tensor, routing) -> torch.Tensor:
-        """Without sequence parallelism the tensor-parallel ranks hold the same tokens: each runs the
-        experts on its share, then the shares are gathered."""
-        size, rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
-        start, stop = rank * x.shape[0] // size, (rank + 1) * x.shape[0] // size
-        share = self.dispatcher(
-            split_tokens(x, start, stop, self.tp_group),
-            slice_routing(routing, start, stop, self.tp_group),
-            self.experts,
-        )
-        return gather_tokens(share, self.tp_group)
+        dispatcher = self.dispatcher
+        state = dispatcher.token_dispatch(dispatcher.dispatch_preprocess(x, routing))
+        shared = None if self.shared_experts is None else self.shared_experts(hidden_states)  # while tokens travel
+        expert_input = dispatcher.dispatch_postprocess(state)
+        expert_output = self.experts(expert_input.x, expert_input.tokens_per_expert,
+                                     gather_index=expert_input.gather_index)
+        state = dispatcher.token_combine(dispatcher.combine_preprocess(state, expert_output))
+        output = dispatcher.combine_postprocess(state)
+
+        if sharing_tokens:
+            output = gather_tokens(output, self.tp_group)
+        output = output.view(seq, batch, hidden)
+        if shared is not None:
+            output = output + shared.to(output.dtype)
+        return output, None
 
 
 def _local_shared_experts():

@@ -97,7 +97,7 @@ def _offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 class _Router(torch.nn.Module):
-    """Shared parts: the gate weight, fp32 logits, the NaN check and loss attachment."""
+    """Shared parts: the gate weight, fp32 logits, the count of non-finite logits and loss attachment."""
 
     def __init__(self, config, token_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
@@ -115,6 +115,9 @@ class _Router(torch.nn.Module):
             config.init_method(self.weight)
         # Sequence-parallel peers see different tokens: Megatron all-reduces such grads over TP.
         self.weight.sequence_parallel = config.sequence_parallel
+        # Tokens with NaN/Inf logits since the last check (a device tensor: read once per step), tokens seen.
+        self.nonfinite_tokens: Optional[torch.Tensor] = None
+        self.checked_tokens = 0
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -123,18 +126,16 @@ class _Router(torch.nn.Module):
         return 1 if self.token_group is None else dist.get_world_size(self.token_group)
 
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W_r^T`` in fp32 (fp64 for fp64 inputs or ``--moe-router-dtype fp64``), autocast or not."""
+        """``x @ W_r^T`` in fp32 (fp64 for fp64 inputs or ``--moe-router-dtype fp64``), autocast or not. Tokens
+        whose logits hold NaN/Inf are counted on the device, for :func:`check_router_logits`."""
         wide = x.dtype == torch.float64 or self.config.moe_router_dtype == "fp64"
         dtype = torch.float64 if wide else torch.float32
         with torch.autocast(x.device.type, enabled=False):
             logits = x.to(dtype) @ self.weight.to(dtype).t()
-        if not bool(torch.isfinite(logits).all()):
-            bad = int((~torch.isfinite(logits)).any(dim=-1).sum())
-            raise RouterLogitsError(
-                f"router logits of MoE layer {self.layer_number} hold NaN/Inf for {bad} of "
-                f"{logits.shape[0]} tokens: the model diverged before this layer (lower --lr, check the "
-                f"loss scale, or keep --moe-router-dtype fp32)"
-            )
+        with torch.no_grad():
+            bad = (~torch.isfinite(logits)).any(dim=-1).sum()
+            self.nonfinite_tokens = bad if self.nonfinite_tokens is None else self.nonfinite_tokens + bad
+            self.checked_tokens += logits.shape[0]
         return logits
 
     def _attaching(self) -> bool:
@@ -342,6 +343,33 @@ class ExpertChoiceRouter(_Router):
             experts[order], chosen_probs.reshape(-1)[order], _offsets_from_counts(per_token), num_experts
         )
         return routing, stats
+
+
+def check_router_logits(modules: list, num_layers: int, device, group: Optional[dist.ProcessGroup] = None) -> None:
+    """The per-step NaN/Inf check of the routers in ``modules`` (as Megatron-LM's
+    ``--check-for-nan-in-loss-and-grad`` checks the loss): raise :class:`RouterLogitsError` naming the first
+    MoE layer (of ``num_layers``, the model's) whose router saw non-finite logits since the last check, on every
+    rank of ``group`` (the world by default; each rank holds its pipeline stage's layers). One all-reduce and
+    one read to the host; the counts start again from zero.
+    """
+    routers = [m for module in modules for m in module.modules() if isinstance(m, _Router)]
+    counts = torch.zeros(2, num_layers + 1, dtype=torch.float64, device=device)  # [bad, seen] by layer number
+    for router in routers:
+        if router.nonfinite_tokens is not None:
+            counts[0, router.layer_number or 0] += router.nonfinite_tokens.to(device)
+            counts[1, router.layer_number or 0] += router.checked_tokens
+        router.nonfinite_tokens, router.checked_tokens = None, 0
+    if dist.is_initialized():
+        dist.all_reduce(counts, group=group)
+    bad, seen = counts.tolist()
+    for layer, (tokens, of) in enumerate(zip(bad, seen)):
+        if tokens:
+            raise RouterLogitsError(
+                f"router logits of MoE layer {layer} held NaN/Inf for {int(tokens)} of the {int(of)} tokens it routed "
+                f"this step (summed over the ranks routing them): "
+                f"the model diverged before this layer (lower --lr, check the loss scale, or keep "
+                f"--moe-router-dtype fp32)"
+            )
 
 
 def build_router(router_type: str, config, token_group: Optional[dist.ProcessGroup] = None) -> _Router:

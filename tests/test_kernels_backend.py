@@ -12,7 +12,7 @@ from megatron.core.activations import fast_gelu, quick_gelu
 from kernel_cases import REFERENCE, RoutingCase  # sets TRITON_INTERPRET=1 before the kernels are imported
 from granular_moe import GranularMoELayer
 from granular_moe.config import GranularMoEConfigError
-from granular_moe.ops import check_kernel_backend, kernels_for
+from granular_moe.ops import KERNEL_OPS, check_kernel_backend, kernels_for
 from granular_moe.ops import triton as triton_ops
 from granular_moe.ops.triton import tiles
 from granular_moe.ops.triton.activations import (
@@ -29,6 +29,18 @@ def test_auto_picks_torch_on_cpu_and_triton_forces_the_kernels():
     assert kernels_for("triton", "cpu") is triton_ops.STRICT
     assert kernels_for("auto", torch.device("cuda", 0)) is triton_ops.WITH_TORCH_FALLBACK
     assert kernels_for("torch", "cuda") is REFERENCE
+
+
+def test_every_backend_implements_the_five_ops_with_the_reference_signatures():
+    import inspect
+
+    assert KERNEL_OPS == ("dispatch_plan", "expert_parallel_plan", "permute", "grouped_mlp", "combine")
+    for backend in (REFERENCE, triton_ops.STRICT, triton_ops.WITH_TORCH_FALLBACK):
+        for name in KERNEL_OPS:
+            op = getattr(backend, name)
+            assert callable(op), (backend, name)
+            assert (list(inspect.signature(op).parameters)
+                    == list(inspect.signature(getattr(REFERENCE, name)).parameters)), (backend, name)
 
 
 def test_unknown_backend_names_the_flag():

@@ -317,6 +317,36 @@ def test_invalid_layouts_fail_before_printing_a_plan(route, env, capsys):
     assert err.startswith("granular-moe launch: error: invalid parallel layout:")
 
 
+NODE_SIZE = {"torchrun": "LOCAL_WORLD_SIZE", "slurm": "LOCAL_WORLD_SIZE", "mpirun": "MPI_LOCALNRANKS"}
+
+
+@pytest.mark.parametrize("route, env", [
+    ("torchrun", {"NNODES": "2", "NPROC_PER_NODE": "4", "MASTER_ADDR": "h", "EP": "8"}),
+    ("slurm", {"SLURM_JOB_NODELIST": "gpu[01-02]", "NPROC_PER_NODE": "4", "EP": "8"}),
+    ("mpirun", {"HOSTS": "a,b", "NPROC_PER_NODE": "4", "EP": "8", "MPI_FLAVOR": "mpich"}),
+])
+def test_every_route_gives_the_node_size_and_shows_a_two_level_expert_group(route, env, capsys):
+    argv = ("--dry-run", "--config", BASE)
+    code, out, _ = dry_run(route, "--script", str(SCRIPT), *argv, env=env, capsys=capsys) \
+        if route == "torchrun" else dry_run(route, *argv, env=env, capsys=capsys)
+    assert code == 0
+    assert "64 experts over EP 8 (8 per rank), expert DP 1; each EP group spans 2 nodes of 4 ranks: two-level" in out
+    assert all(block["ranks"][NODE_SIZE[route]] == "4" for block in node_blocks(out).values())
+
+
+def test_an_expert_group_split_unevenly_over_nodes_is_refused_before_a_plan(capsys):
+    env = {"NNODES": "3", "NPROC_PER_NODE": "4", "MASTER_ADDR": "h", "EP": "6"}
+    argv = ("--script", str(SCRIPT), "--dry-run", "--num-experts", "12")
+    code, out, err = dry_run("torchrun", *argv, env=env, capsys=capsys)
+    assert code == 2 and out == ""
+    assert ("the expert-parallel group of ranks [0, 1, 2, 3, 4, 5] spans nodes of 4 processes unevenly (node 0: 4, "
+            "node 1: 2 of its ranks): --expert-model-parallel-size (EP) must divide the ranks per node "
+            "(--moe-ranks-per-node, LOCAL_WORLD_SIZE or the launcher's --nproc-per-node) or be a multiple of "
+            "them") in err
+    code, out, _ = dry_run("torchrun", *argv, "--moe-ranks-per-node", "2", env=env, capsys=capsys)
+    assert code == 0 and "each EP group spans 3 nodes of 2 ranks" in out
+
+
 # --------------------------------------------------------------------------- dry runs: SLURM
 
 

@@ -10,7 +10,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_
 
 import reference_moe as ref
 from granular_moe import GranularMoELayer
-from granular_moe.router import RouterLogitsError
+from granular_moe.router import RouterLogitsError, check_router_logits
 from helpers import moe_config
 
 AUX, Z = 0.01, 1e-3
@@ -102,8 +102,24 @@ def test_load_balancing_none_reports_but_does_not_train():
     assert layer.stats.load_balancing_loss > 0
 
 
-def test_nan_logits_raise_before_any_expert_runs():
-    _, layer, x = layer_and_input()
-    x[3, 1, 5] = float("nan")
-    with pytest.raises(RouterLogitsError, match="NaN/Inf for 1 of 12 tokens"):
-        layer(x)
+def test_nan_logits_are_counted_on_the_device_and_raised_by_the_step_check():
+    """The forward reads nothing back for the check; the per-step check names the first bad layer, then
+    starts counting again."""
+    config, second, x = layer_and_input()  # layer number 2
+    first = GranularMoELayer(config, layer_number=1)
+    check_router_logits([first, second], config.num_layers, "cpu")  # nothing seen yet: passes
+    first(x)
+    bad = x.clone()
+    bad[3, 1, 5] = float("nan")
+    bad[0, 0, 0] = float("inf")
+    second(bad)
+    second(bad)
+    assert isinstance(second.router.nonfinite_tokens, torch.Tensor) and int(second.router.nonfinite_tokens) == 4
+    with pytest.raises(RouterLogitsError, match=r"MoE layer 2 held NaN/Inf for 4 of the 24 tokens"):
+        check_router_logits([first, second], config.num_layers, "cpu")
+    second(bad)
+    first(bad)  # layer 1 goes bad too: the first layer is the one named
+    with pytest.raises(RouterLogitsError, match=r"MoE layer 1 held NaN/Inf for 2 of the 12 tokens"):
+        check_router_logits([first, second], config.num_layers, "cpu")
+    first(x)
+    check_router_logits([first, second], config.num_layers, "cpu")  # counts started again

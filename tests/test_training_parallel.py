@@ -49,7 +49,8 @@ def engine_step(flags, state=None, steps=1):
     args = parse_args(MODEL + flags)
     layout = check_layout(args, torch.distributed.get_world_size())
     initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                              args.expert_model_parallel_size, virtual_pipeline=layout.virtual_pipeline)
+                              args.expert_model_parallel_size, virtual_pipeline=layout.virtual_pipeline,
+                              ranks_per_node=layout.ranks_per_node)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     torch.manual_seed(args.seed)
     config = transformer_config_from_args(args)
@@ -79,7 +80,14 @@ def engine_step(flags, state=None, steps=1):
                            if hasattr(m, "global_expert_ids")})
     biases = {global_name(n, offset): b.clone() for chunk, offset in zip(engine.modules, offsets)
               for n, b in chunk.named_buffers() if n.endswith("expert_bias")}
+    # all-to-all levels of the first MoE layer's dispatcher
+    levels = 0
+    dispatcher = next((m.dispatcher for chunk in engine.modules for m in chunk.modules() if hasattr(m, "dispatcher")),
+                      None)
+    while dispatcher is not None and hasattr(dispatcher, "inner"):
+        levels, dispatcher = levels + 1, dispatcher.inner
     return {"loss": losses[-1], "losses": losses, "biases": biases, "grads": grads, "after": after,
+            "all_to_all_levels": levels,
             "expert_ids": expert_ids, "weights": initial,
             "marked": {n for chunk in engine.modules for n, p in chunk.named_parameters()
                        if getattr(p, "sequence_parallel", False)}}
@@ -141,12 +149,21 @@ ROUTING = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert
            "--moe-router-load-balancing-type", "seq_aux_loss", "aux_loss", "--moe-aux-loss-coeff", "0.01", "0.001"]
 
 
-def test_todays_routing_takes_the_same_steps_under_expert_parallelism():
+@pytest.mark.parametrize("world, flags", [
+    (2, ["--expert-model-parallel-size", "2"]),
+    # two nodes of two processes: the two-level all-to-all, routing limited to one node per token
+    (4, ["--expert-model-parallel-size", "4", "--moe-ranks-per-node", "2", "--moe-router-num-groups", "2",
+         "--moe-router-group-topk", "1"]),
+], ids=["ep2", "ep4-two-nodes"])
+def test_todays_routing_takes_the_same_steps_under_expert_parallelism(world, flags):
     """Sigmoid scores with the aux-loss-free expert bias, group-limited top-k, a gated shared expert and two
-    balance losses: three steps at EP 2 x DP 2 equal three steps of one process, and the bias, updated by
-    megatron-core's finalize_model_grads from the loads of the whole step, is the same on every rank."""
-    [single] = run_distributed(parallel_worker, 1, ROUTING, None, 3)
-    results = run_distributed(parallel_worker, 2, ROUTING + ["--expert-model-parallel-size", "2"], single["weights"], 3)
+    balance losses: three steps under expert parallelism equal three steps of one process, and the bias,
+    updated by megatron-core's finalize_model_grads from the loads of the whole step, is the same on every
+    rank."""
+    limits = flags[flags.index("--moe-router-num-groups"):] if "--moe-router-num-groups" in flags else []
+    [single] = run_distributed(parallel_worker, 1, ROUTING + limits, None, 3)
+    results = run_distributed(parallel_worker, world, ROUTING + flags, single["weights"], 3)
+    assert [r["all_to_all_levels"] for r in results] == [2 if "--moe-ranks-per-node" in flags else 1] * world
     assert single["biases"] and all(bias.abs().sum() > 0 for bias in single["biases"].values())
     for result in results:
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-6)
@@ -179,3 +196,17 @@ def test_sequence_parallel_step_equals_the_tensor_parallel_step():
             )
         norms = {name for name in sharded["grads"] if "layernorm" in name}
         assert norms and norms <= sharded["marked"] and not plain["marked"] & norms
+
+
+def test_a_router_that_sees_nan_is_named_by_the_step_check():
+    """The layers read nothing back per forward; the step's check (before megatron-core's gradient check) names
+    the first MoE layer whose router saw NaN, on every rank of an EP 2 job."""
+    [single] = run_distributed(parallel_worker, 1, [], None)
+    state = dict(single["weights"])
+    name = "decoder.layers.1.mlp.router.weight"
+    state[name] = torch.full_like(state[name], float("nan"))
+    with pytest.raises(AssertionError) as failure:
+        run_distributed(parallel_worker, 2, ["--expert-model-parallel-size", "2"], state)
+    tokens = MICRO * MICRO_BATCHES * SEQ  # the global batch: every token, summed over both ranks
+    assert (f"RouterLogitsError: router logits of MoE layer 2 held NaN/Inf for {tokens} of the {tokens} tokens"
+            in str(failure.value))

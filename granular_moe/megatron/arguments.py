@@ -21,9 +21,9 @@ def megatron_default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
 
 
 def add_granular_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--moe-granularity``, ``--moe-router-type`` and ``--moe-kernels``; usable as Megatron-LM's
-    ``extra_args_provider``. Parsing then multiplies ``--num-experts`` and ``--moe-router-topk`` by ``G``
-    and divides the expert FFN size by ``G`` (see :func:`apply_granularity_to_args`)."""
+    """Add ``--moe-granularity``, ``--moe-router-type``, ``--moe-kernels`` and ``--moe-ranks-per-node``; usable
+    as Megatron-LM's ``extra_args_provider``. Parsing then multiplies ``--num-experts`` and ``--moe-router-topk``
+    by ``G`` and divides the expert FFN size by ``G`` (see :func:`apply_granularity_to_args`)."""
     group = parser.add_argument_group(title="granular MoE")
     group.add_argument(
         "--moe-granularity", type=int, default=1,
@@ -38,6 +38,12 @@ def add_granular_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--moe-kernels", choices=KERNEL_BACKENDS, default="auto",
         help="Kernels of the granular MoE layer: auto picks the fastest available on the device; torch forces the "
         "plain PyTorch reference.",
+    )
+    group.add_argument(
+        "--moe-ranks-per-node", type=int, default=None,
+        help="Processes per node, for the expert-parallel all-to-all: an expert-parallel group spanning nodes "
+        "sends each token across once per destination node, then forwards it inside the node. Default: "
+        "LOCAL_WORLD_SIZE (torchrun, the launchers); the world size keeps one flat all-to-all.",
     )
     parse_known_args = parser.parse_known_args
 

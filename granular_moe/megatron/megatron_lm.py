@@ -68,7 +68,7 @@ def granular_moe_decoder_block_spec(args: argparse.Namespace, config, use_transf
     # Megatron-LM's initialize made megatron-core's groups; every rank builds its model here, so this is
     # where DeepSpeed's expert groups join them (collective, once).
     if parallel_state.model_parallel_is_initialized():
-        expert_groups_from_megatron()
+        expert_groups_from_megatron(getattr(args, "moe_ranks_per_node", None))
     return get_gpt_decoder_block_spec(
         config, use_transformer_engine, router_type=getattr(args, "moe_router_type", "token_choice"),
         kernels=getattr(args, "moe_kernels", "auto"), **megatron_kwargs,

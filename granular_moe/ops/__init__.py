@@ -3,28 +3,48 @@
 ``torch`` is the plain PyTorch reference (:mod:`granular_moe.ops.reference`); ``triton`` the Triton
 kernels (:mod:`granular_moe.ops.triton`), on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``); ``auto`` picks Triton on CUDA devices when Triton imports, else torch.
-Every backend exposes ``dispatch_plan``, ``permute``, ``grouped_mlp`` and ``combine``.
+Every backend implements :class:`Kernels`: ``dispatch_plan``, ``expert_parallel_plan``, ``permute``,
+``grouped_mlp`` and ``combine``, with the reference's signatures.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from types import ModuleType
-from typing import TYPE_CHECKING, Union
+from typing import Callable, Optional, Protocol
 
 import torch
 
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.ops import reference
-from granular_moe.ops.plan import DispatchPlan
-
-if TYPE_CHECKING:
-    from granular_moe.ops.triton import TritonKernels
+from granular_moe.ops.plan import DispatchPlan, ExpertParallelPlan
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["DispatchPlan", "KERNEL_BACKENDS", "check_kernel_backend", "kernels_for"]
+__all__ = ["DispatchPlan", "ExpertParallelPlan", "KERNEL_BACKENDS", "Kernels", "check_kernel_backend", "kernels_for"]
+
+
+class Kernels(Protocol):
+    """The layer's five ops, which every backend implements with the signatures of
+    :mod:`granular_moe.ops.reference` (its docstrings say what each computes)."""
+
+    def dispatch_plan(self, expert_index: torch.Tensor, token_offsets: torch.Tensor,
+                      num_experts: int) -> DispatchPlan: ...
+
+    def expert_parallel_plan(self, expert_index: torch.Tensor, token_offsets: torch.Tensor, num_local_experts: int,
+                             ep_size: int) -> ExpertParallelPlan: ...
+
+    def permute(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor: ...
+
+    def grouped_mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weight1: torch.Tensor,
+                    weight2: torch.Tensor, activation: Callable, gated: bool,
+                    gather_index: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def combine(self, expert_output: torch.Tensor, weight: torch.Tensor, row_of_assignment: torch.Tensor,
+                token_offsets: torch.Tensor) -> torch.Tensor: ...
+
+
+KERNEL_OPS = tuple(name for name in vars(Kernels) if not name.startswith("_"))
 
 
 def check_kernel_backend(backend: str) -> None:
@@ -40,9 +60,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernels_for(backend: str, device) -> Union[ModuleType, "TritonKernels"]:
-    """The kernels implementing ``dispatch_plan``, ``permute``, ``grouped_mlp`` and ``combine`` for
-    ``backend`` on tensors of ``device``."""
+def kernels_for(backend: str, device) -> Kernels:
+    """The :class:`Kernels` of ``backend`` for tensors of ``device``."""
     check_kernel_backend(backend)
     on_cuda = torch.device(device).type == "cuda"
     if backend == "torch" or (backend == "auto" and not (on_cuda and triton_available())):

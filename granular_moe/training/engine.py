@@ -36,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from granular_moe.megatron.optimizer_fixes import apply_optimizer_fixes
+from granular_moe.router import check_router_logits
 from granular_moe.training.model import build_model_chunks
 
 
@@ -51,6 +52,7 @@ class Engine:
     micro_batch_size: int
     num_micro_batches: int
     global_batch_size: int
+    check_for_nan: bool = True  # --check-for-nan-in-loss-and-grad: the routers' logits too, once per step
 
     @property
     def modules(self) -> list:
@@ -147,6 +149,8 @@ def build_engine(args: argparse.Namespace, config, vocab_size: int, chunks: Opti
     )
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    if args.check_for_nan_in_loss_and_grad:
+        config.finalize_model_grads_func = partial(_check_routers_then_finalize, [unwrap(c) for c in chunks], config)
     if args.overlap_grad_reduce:
         sync = [chunk.no_sync for chunk in chunks]
         config.no_sync_func = sync[0] if len(sync) == 1 else sync
@@ -163,7 +167,17 @@ def build_engine(args: argparse.Namespace, config, vocab_size: int, chunks: Opti
         micro_batch_size=args.micro_batch_size,
         num_micro_batches=args.global_batch_size // (args.micro_batch_size * data_parallel),
         global_batch_size=args.global_batch_size,
+        check_for_nan=args.check_for_nan_in_loss_and_grad,
     )
+
+
+def _check_routers_then_finalize(modules: list, config, *args, **kwargs):
+    """The schedules' ``finalize_model_grads`` after the step's backward, preceded by the routers' NaN/Inf
+    check (:func:`~granular_moe.router.check_router_logits`), so a diverged router is named before
+    megatron-core's own gradient check finds the NaN it spread."""
+    device = next(modules[0].parameters()).device
+    check_router_logits(modules, config.num_layers, device)
+    return finalize_model_grads(*args, **kwargs)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -234,6 +248,8 @@ def evaluate(engine: Engine, micro_batches_per_step: list, device: torch.device)
         chunk.eval()
     with torch.no_grad():
         losses = [run_step(engine, micro, device, forward_only=True) for micro in micro_batches_per_step]
+    if engine.check_for_nan:
+        check_router_logits(engine.modules, engine.config.num_layers, device)
     for chunk in engine.chunks:
         chunk.train()
     return sum(losses) / len(losses)

@@ -259,7 +259,7 @@ def _checked_layout(argv: Sequence[str], nnodes: int, nproc: int, check_files: b
     """The trainer's flags checked against ``nnodes x nproc`` processes, and (unless a dry run, which may be
     made away from the data) the files they name, before any process starts."""
     args = _parse_trainer_args(argv)
-    layout = check_layout(args, nnodes * nproc, f"NNODES {nnodes} x NPROC_PER_NODE {nproc}")
+    layout = check_layout(args, nnodes * nproc, f"NNODES {nnodes} x NPROC_PER_NODE {nproc}", ranks_per_node=nproc)
     if check_files:
         from granular_moe.training.arguments import check_inputs
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 from granular_moe.training.distributed import LaunchConfigError
 
@@ -20,6 +22,8 @@ TP_FLAG = "--tensor-model-parallel-size"
 PP_FLAG = "--pipeline-model-parallel-size"
 EP_FLAG = "--expert-model-parallel-size"
 VP_FLAG = "--num-layers-per-virtual-pipeline-stage"
+RANKS_PER_NODE_FLAG = "--moe-ranks-per-node"
+RANKS_PER_NODE_SOURCES = f"{RANKS_PER_NODE_FLAG}, LOCAL_WORLD_SIZE or the launcher's --nproc-per-node"
 # Environment variables that feed the trainer's parallel-size flags.
 PARALLEL_ENV = {"TP": TP_FLAG, "PP": PP_FLAG, "EP": EP_FLAG}
 
@@ -38,6 +42,14 @@ class Layout:
     expert: int
     num_experts: int | None  # fine-grained (E x G); None for a dense model
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B), None: one
+    ranks_per_node: int | None = None  # processes per node; None: one node
+
+    @property
+    def expert_nodes(self) -> int:
+        """Nodes one expert-parallel group spans (its ranks are consecutive)."""
+        if not self.ranks_per_node or self.expert <= self.ranks_per_node:
+            return 1
+        return self.expert // self.ranks_per_node
 
     @property
     def data(self) -> int:
@@ -54,16 +66,35 @@ class Layout:
             text += f" ({self.virtual_pipeline} virtual stages per pipeline rank)"
         if self.num_experts is None:
             return text + "; dense"
-        return (f"{text}; {self.num_experts} experts over EP {self.expert} "
-                f"({self.num_experts // self.expert} per rank), expert DP {self.expert_data}")
+        text += (f"; {self.num_experts} experts over EP {self.expert} ({self.num_experts // self.expert} per rank), "
+                 f"expert DP {self.expert_data}")
+        if self.expert_nodes > 1:
+            text += (f"; each EP group spans {self.expert_nodes} nodes of {self.expert // self.expert_nodes} ranks: "
+                     f"two-level all-to-all")
+        return text
+
+
+def expert_node_problem(expert_ranks: Sequence[int], ranks_per_node: int) -> Optional[str]:
+    """Why an expert-parallel group of these global ranks cannot be split into nodes of ``ranks_per_node``
+    processes (node of a rank: ``rank // ranks_per_node``) with the same number of its ranks on every node it
+    spans, in consecutive blocks (what the two-level all-to-all needs); None when it can."""
+    nodes = [rank // ranks_per_node for rank in expert_ranks]
+    counts = Counter(nodes)
+    if len(set(counts.values())) == 1 and nodes == sorted(nodes):
+        return None
+    return (f"the expert-parallel group of ranks {list(expert_ranks)} spans nodes of {ranks_per_node} processes "
+            f"unevenly ({', '.join(f'node {n}: {c}' for n, c in sorted(counts.items()))} of its ranks): "
+            f"{EP_FLAG} (EP) must divide the ranks per node ({RANKS_PER_NODE_SOURCES}) or be a multiple of them")
 
 
 def parallel_size_problems(world_size: int, tensor: int, pipeline: int, expert: int,
                            num_experts: int | None = None, source: str | None = None,
-                           dense: bool = False) -> list[str]:
+                           dense: bool = False, ranks_per_node: int | None = None) -> list[str]:
     """What keeps megatron-core from laying ``world_size`` ranks out as TP x PP x DP with EP expert groups
     (expert TP 1); empty when the sizes fit. ``num_experts``: the layer's (fine-grained) experts, checked
-    against EP when given; ``dense``: the model has no experts (then EP must be 1)."""
+    against EP when given; ``dense``: the model has no experts (then EP must be 1); ``ranks_per_node``:
+    processes per node, which must hold whole expert groups or whole parts of one (EP dividing it or a
+    multiple of it)."""
     source = source or f"WORLD_SIZE {world_size}"
     names = {TP_FLAG: ("TP", tensor), PP_FLAG: ("PP", pipeline), EP_FLAG: ("EP", expert)}
     invalid = [f"{flag} ({env}) must be >= 1, got {value}" for flag, (env, value) in names.items() if value < 1]
@@ -92,10 +123,23 @@ def parallel_size_problems(world_size: int, tensor: int, pipeline: int, expert: 
             f"{num_experts} experts (--num-experts x --moe-granularity) are not divisible by {EP_FLAG} "
             f"(EP) {expert}; valid EP: {divisors(num_experts)}"
         )
+    if ranks_per_node is not None:
+        if ranks_per_node < 1 or world_size % ranks_per_node:
+            problems.append(f"{ranks_per_node} ranks per node ({RANKS_PER_NODE_SOURCES}) do not divide the "
+                            f"{world_size} processes ({source}); valid: {divisors(world_size)}")
+        elif not world_size % expert:
+            # megatron-core's expert groups (expert TP 1) are consecutive blocks of EP ranks
+            node_problem = expert_node_problem(range(expert), ranks_per_node)
+            node_problem = node_problem or next(filter(None, (
+                expert_node_problem(range(first, first + expert), ranks_per_node)
+                for first in range(expert, world_size, expert))), None)
+            if node_problem:
+                problems.append(node_problem)
     return problems
 
 
-def check_layout(args: argparse.Namespace, world_size: int, world_source: str | None = None) -> Layout:
+def check_layout(args: argparse.Namespace, world_size: int, world_source: str | None = None,
+                 ranks_per_node: int | None = None) -> Layout:
     """Check the parsed trainer arguments against ``world_size`` processes; raise
     :class:`LaunchConfigError` listing every violation (flags, environment variables, valid values).
 
@@ -108,7 +152,9 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
     """
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     num_experts = args.num_experts or None
-    problems = parallel_size_problems(world_size, tp, pp, ep, num_experts, world_source, dense=num_experts is None)
+    ranks_per_node = getattr(args, "moe_ranks_per_node", None) or ranks_per_node
+    problems = parallel_size_problems(world_size, tp, pp, ep, num_experts, world_source, dense=num_experts is None,
+                                      ranks_per_node=ranks_per_node)
     if problems and any("must be >= 1" in problem for problem in problems):
         raise LaunchConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
     if args.num_layers % pp:
@@ -140,7 +186,7 @@ def check_layout(args: argparse.Namespace, world_size: int, world_source: str | 
     virtual = _virtual_pipeline(args, pp, data, problems)
     if problems:
         raise LaunchConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
-    return Layout(world_size, tp, pp, ep, num_experts, virtual)
+    return Layout(world_size, tp, pp, ep, num_experts, virtual, ranks_per_node)
 
 
 def _virtual_pipeline(args, pp: int, data: int | None, problems: list) -> int | None:

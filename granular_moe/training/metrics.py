@@ -4,7 +4,6 @@ per-MoE-layer statistics collected over a logging interval."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -16,27 +15,32 @@ from granular_moe.layer import GranularMoELayer
 
 
 class MoELayerStatistics:
-    """Sums each MoE layer's routing statistics over the training forwards of a logging interval."""
+    """Sums each MoE layer's routing statistics over the training forwards of a logging interval, on the
+    device: nothing is read back to the host until :meth:`collect` (a logging step)."""
 
     def __init__(self, modules: list):
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, GranularMoELayer)]
         for layer in self.layers:
             layer.register_forward_hook(self._record)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.sums = defaultdict(lambda: {"forwards": 0, "load": None, "dropped": 0, "aux": 0.0, "z": 0.0})
+        self.sums: dict = {}
 
     def _record(self, layer, inputs, output) -> None:
         if not (layer.training and torch.is_grad_enabled()):
             return
-        stats, entry = layer.stats, self.sums[layer.layer_number]
-        load = stats.tokens_per_expert.detach().double().cpu()
-        entry["load"] = load if entry["load"] is None else entry["load"] + load
-        entry["dropped"] += int(stats.dropped)
-        entry["aux"] += float(stats.load_balancing_loss) if stats.load_balancing_loss is not None else float("nan")
-        entry["z"] += float(stats.z_loss)
-        entry["forwards"] += 1
+        stats = layer.stats
+        aux = stats.load_balancing_loss
+        # [forwards, dropped, aux, z, load per expert...] in fp64 on the layer's device
+        values = torch.cat([
+            torch.stack([
+                torch.ones((), dtype=torch.float64, device=stats.z_loss.device),
+                stats.dropped.double(),
+                aux.detach().double() if aux is not None else torch.full_like(stats.z_loss, float("nan")).double(),
+                stats.z_loss.double(),
+            ]),
+            stats.tokens_per_expert.double(),
+        ])
+        total = self.sums.get(layer.layer_number)
+        self.sums[layer.layer_number] = values if total is None else total + values
 
     def collect(self) -> dict:
         """Per layer (on global rank 0): mean aux and z loss (unscaled), dropped assignments per step's
@@ -44,29 +48,24 @@ class MoELayerStatistics:
         contributes = self.layers and (
             parallel_state.get_tensor_model_parallel_rank() == 0 or self.layers[0].config.sequence_parallel
         )
-        local = {number: dict(entry) for number, entry in self.sums.items()} if contributes else {}
+        local = {number: values.cpu() for number, values in self.sums.items()} if contributes else {}
+        self.sums = {}
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
-        self._reset()
-        merged = defaultdict(lambda: {"forwards": 0, "load": None, "dropped": 0, "aux": 0.0, "z": 0.0})
-        for rank_entries in gathered:
-            for number, entry in rank_entries.items():
-                total = merged[number]
-                total["forwards"] += entry["forwards"]
-                total["dropped"] += entry["dropped"]
-                total["aux"] += entry["aux"]
-                total["z"] += entry["z"]
-                total["load"] = entry["load"] if total["load"] is None else total["load"] + entry["load"]
+        merged: dict = {}
+        for rank_sums in gathered:
+            for number, values in rank_sums.items():
+                merged[number] = values if number not in merged else merged[number] + values
         summary = {}
         for number in sorted(merged):
-            total = merged[number]
-            forwards = max(total["forwards"], 1)
-            load = total["load"]
+            forwards, dropped, aux, z = merged[number][:4].tolist()
+            load = merged[number][4:]
+            forwards = max(forwards, 1)
             summary[f"layer_{number}"] = {
-                "load_balancing_loss": total["aux"] / forwards,
-                "z_loss": total["z"] / forwards,
-                "dropped": total["dropped"],
-                "load_imbalance": float(load.max() / load.mean()) if load is not None and load.mean() > 0 else 0.0,
+                "load_balancing_loss": aux / forwards,
+                "z_loss": z / forwards,
+                "dropped": int(dropped),
+                "load_imbalance": float(load.max() / load.mean()) if load.numel() and load.mean() > 0 else 0.0,
             }
         return summary
 

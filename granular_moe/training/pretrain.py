@@ -85,7 +85,7 @@ def pretrain(args) -> dict:
     from the launcher's environment.
     """
     world = distributed_env()
-    layout = check_layout(args, world.world_size)
+    layout = check_layout(args, world.world_size, ranks_per_node=world.local_world_size)
     check_inputs(args)
     if dist.is_initialized():
         apply_cpu_shims()
@@ -129,6 +129,7 @@ def _train(args, layout, device) -> dict:
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size,
         virtual_pipeline=layout.virtual_pipeline, num_experts=args.num_experts or None,
+        ranks_per_node=layout.ranks_per_node,
     )
     _set_random_seed(args.seed)
     data_parallel = parallel_state.get_data_parallel_world_size()
