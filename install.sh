@@ -77,7 +77,7 @@ fi
 
 # MPI runtime for mpi4py (the mpirun launch route).
 "$py" -c "import mpi4py.MPI" 2>/dev/null || "${pip[@]}" mpich
-"${pip[@]}" --no-build-isolation -e ".[dev,mpi]"
+"${pip[@]}" --no-build-isolation -e ".[dev,mpi,hf]"
 "$py" - <<'EOF'
 import platform
 import warnings
@@ -85,6 +85,7 @@ import warnings
 warnings.simplefilter("ignore")
 import deepspeed
 import torch
+import transformers
 import triton
 from megatron.core import package_info
 
@@ -93,5 +94,6 @@ import granular_moe.megatron  # noqa: F401  (refuses an unsupported megatron-cor
 cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
 gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 print(f"install.sh: ready: Python {platform.python_version()}, torch {torch.__version__} ({cuda} build, {gpus} GPU(s)),"
-      f" megatron-core {package_info.__version__}, deepspeed {deepspeed.__version__}, triton {triton.__version__}")
+      f" megatron-core {package_info.__version__}, deepspeed {deepspeed.__version__}, triton {triton.__version__},"
+      f" transformers {transformers.__version__}")
 EOF

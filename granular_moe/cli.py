@@ -6,6 +6,8 @@ import importlib
 import sys
 
 COMMANDS = {
+    "export-hf": ("granular_moe.hf.export", "write a checkpoint as a Hugging Face model (Qwen3-MoE, DeepSeek-V3)"),
+    "import-hf": ("granular_moe.hf.import_hf", "write a Hugging Face Qwen3-MoE / DeepSeek-V3 model as a checkpoint"),
     "plan": ("granular_moe.scaling.cli", "compute- or wall-clock-optimal (N, D, G) and its Megatron flags"),
     "preprocess": ("granular_moe.training.data", "train a sentencepiece tokenizer and write an indexed dataset"),
     "pretrain": ("granular_moe.training.pretrain", "pretrain a GPT with granular MoE (the main job)"),

@@ -181,6 +181,13 @@ def test_another_model_is_refused_naming_each_flag_saved_and_requested(gloo_worl
     other_args, other = engine(["--num-experts", "4", "--moe-granularity", "1"])
     with pytest.raises(CheckpointError, match=re.escape("--num-experts: saved 2, this job 4")):
         load_checkpoint(find_checkpoint(tmp_path), other, other_args)
+    # what changes the tensors' shapes besides the sizes: q/k norms, a shared expert
+    other_args, other = engine(["--qk-layernorm", "--moe-shared-expert-intermediate-size", "8"])
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(find_checkpoint(tmp_path), other, other_args)
+    assert sorted(str(refused.value).splitlines()[1:]) == [
+        "  - --moe-shared-expert-intermediate-size: saved None, this job 8",
+        "  - --qk-layernorm: saved False, this job True"]
 
 
 def test_a_load_that_names_no_checkpoint_is_an_error(tmp_path):

@@ -42,8 +42,8 @@ PRESETS = ("deepseek_tiny", "qwen3_tiny")
 
 def test_every_config_file_is_known_here():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
-    assert names == {"cpu_default", "sweep_cpu", "sweep_gpu"} | {f"{kind}_{size}" for kind in ("moe", "dense")
-                                                                 for size in (*SIZES, *PRESETS)}
+    assert names == {"cpu_default", "sweep_cpu", "sweep_gpu", "moe_deepseek_tiny_hf"} | {
+        f"{kind}_{size}" for kind in ("moe", "dense") for size in (*SIZES, *PRESETS)}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-query-groups", type=int, default=None,
                        help="key/value heads with --group-query-attention")
     model.add_argument("--kv-channels", type=int, default=None, help="per-head width (default hidden / heads)")
+    model.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of every LayerNorm / RMSNorm")
+    model.add_argument("--multi-latent-attention", action="store_true",
+                       help="multi-head latent attention (DeepSeek-V2/V3's MLA, megatron-core's MLASelfAttention)")
+    model.add_argument("--q-lora-rank", type=int, default=None,
+                       help="MLA: rank of the query's low-rank projection (unset: a full query projection)")
+    model.add_argument("--kv-lora-rank", type=int, default=32, help="MLA: rank of the key/value latent")
+    model.add_argument("--qk-head-dim", type=int, default=128, help="MLA: per-head query/key width without rope")
+    model.add_argument("--qk-pos-emb-head-dim", type=int, default=64,
+                       help="MLA: per-head query/key width that rope rotates")
+    model.add_argument("--v-head-dim", type=int, default=128, help="MLA: per-head value width")
     model.add_argument("--disable-bias-linear", action="store_true",
                        help="accepted for Megatron compatibility; this job never uses linear biases")
     model.add_argument("--hidden-dropout", type=float, default=0.0)
@@ -297,6 +307,12 @@ def check_moe_flags(args: argparse.Namespace) -> None:
         )
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise GranularMoEConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.multi_latent_attention and args.position_embedding_type != "rope":
+        raise GranularMoEConfigError(
+            f"--multi-latent-attention needs --position-embedding-type rope (got {args.position_embedding_type})")
+    if args.multi_latent_attention and args.group_query_attention:
+        raise GranularMoEConfigError("--multi-latent-attention and --group-query-attention exclude each other: MLA "
+                                     "compresses keys and values into one latent instead")
 
 
 def check_inputs(args: argparse.Namespace) -> None:

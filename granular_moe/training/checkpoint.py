@@ -39,7 +39,9 @@ ARCHITECTURE_FLAGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "swiglu", "normalization",
     "position_embedding_type", "untie_embeddings_and_output_weights", "max_position_embeddings",
     "padded_vocab_size", "num_experts", "moe_granularity", "moe_router_topk", "moe_ffn_hidden_size",
-    "moe_layer_freq",
+    "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
+    "qk_layernorm", "group_query_attention", "num_query_groups", "kv_channels", "multi_latent_attention",
+    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
 )
 
 
@@ -300,8 +302,11 @@ def _write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_checkpoint(save: Path, state: TrainingState, engine, args: argparse.Namespace) -> Path:
-    """Write the checkpoint of ``state.iteration``; collective over all ranks.
+def save_checkpoint(save: Path, state: TrainingState, engine, args: argparse.Namespace, *,
+                    weights_only: bool = False) -> Path:
+    """Write the checkpoint of ``state.iteration``; collective over all ranks. ``weights_only``: the model
+    and the arguments without optimizer, scheduler or RNG states (``engine`` needs only ``modules``; load it
+    with ``--finetune`` or ``--no-load-optim --no-load-rng``), as converted checkpoints are.
 
     The checkpoint goes to ``iter_N.tmp``, which becomes ``iter_N`` once complete, then the tracker names it.
     A checkpoint already at ``iter_N`` (an earlier run into the same ``--save``) is replaced, as Megatron-LM
@@ -321,7 +326,7 @@ def save_checkpoint(save: Path, state: TrainingState, engine, args: argparse.Nam
     saved_args = argparse.Namespace(**vars(args))
     saved_args.consumed_train_samples = state.consumed_samples
     metadata = _sharding_metadata(args)
-    content = sharded_state_dict(engine, saved_args, metadata, optimizer=True, rng=True)
+    content = sharded_state_dict(engine, saved_args, metadata, optimizer=not weights_only, rng=not weights_only)
     content["iteration"] = state.iteration
     _write_results_in_process()
     dist_checkpointing.save(content, str(staging), content_metadata=_serializable(metadata))

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from granular_moe.megatron import get_gpt_decoder_block_spec
 from granular_moe.megatron.arguments import megatron_default_ffn_hidden_size
@@ -41,6 +42,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         qk_layernorm=args.qk_layernorm,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         kv_channels=args.kv_channels,
+        layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=False,
@@ -78,6 +80,20 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             # top-1 softmax routing is pre-softmax (megatron-core refuses it otherwise: the gate would be 1)
             moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
         )
+    if getattr(args, "multi_latent_attention", False):
+        # megatron-core's MLA with plain rope on each head's rope part (no yarn scaling: softmax scale
+        # 1 / sqrt(qk_head_dim + qk_pos_emb_head_dim)), DeepSeek's interleaved rope layout
+        fields.update(
+            q_lora_rank=args.q_lora_rank,
+            kv_lora_rank=args.kv_lora_rank,
+            qk_head_dim=args.qk_head_dim,
+            qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
+            v_head_dim=args.v_head_dim,
+            rope_type="rope",
+            rotary_base=args.rotary_base,
+            rotary_scaling_factor=1.0,
+        )
+        return MLATransformerConfig(**fields)
     return TransformerConfig(**fields)
 
 
@@ -112,6 +128,34 @@ def with_sequence_parallel_norms(block: TransformerBlockSubmodules) -> Transform
     return dataclasses.replace(block, layer_specs=layers, layer_norm=swap(block.layer_norm))
 
 
+class LatentDotProductAttention(DotProductAttention):
+    """megatron-core's local (non Transformer Engine) ``DotProductAttention`` for multi-latent attention, which
+    builds its core attention with ``k_channels`` (the query/key head width, rope part included) and
+    ``v_channels`` (the value head width): the local class takes neither (megatron-core 0.19 gives MLA only
+    Transformer Engine's). Its arithmetic takes each width from the tensors; only the output width is the
+    value heads', and the softmax scale is the one MLA passes (``1 / sqrt(qk_head_dim + qk_pos_emb_head_dim)``)."""
+
+    def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+
+def with_latent_core_attention(block: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    """``block`` with the core attention of its local MLA layers made :class:`LatentDotProductAttention`."""
+
+    def swap(spec):
+        attention = spec.submodules.self_attention
+        submodules = getattr(attention, "submodules", None)
+        if getattr(submodules, "core_attention", None) is not DotProductAttention:
+            return spec
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(submodules, core_attention=LatentDotProductAttention))
+        return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+    return dataclasses.replace(block, layer_specs=[swap(spec) for spec in block.layer_specs])
+
+
 def virtual_pipeline_size(args: argparse.Namespace):
     """Model chunks per pipeline rank for ``--num-layers-per-virtual-pipeline-stage`` (None: one)."""
     per_chunk = args.num_layers_per_virtual_pipeline_stage
@@ -139,6 +183,8 @@ def build_model_chunks(args: argparse.Namespace, config: TransformerConfig, voca
         )
         if config.sequence_parallel:
             block = with_sequence_parallel_norms(block)
+        if config.multi_latent_attention:
+            block = with_latent_core_attention(block)
         model = GPTModel(
             config,
             block,
