@@ -30,6 +30,8 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "16", "--ffn-hidden-size", "64", 
 
 
 def engine(flags=(), seed=0):
+    from megatron.core import tensor_parallel
+
     from granular_moe.training.engine import build_engine
     from granular_moe.training.model import padded_vocab_size, transformer_config_from_args
 
@@ -37,6 +39,7 @@ def engine(flags=(), seed=0):
     args.global_batch_size = args.micro_batch_size
     args.padded_vocab_size = padded_vocab_size(VOCAB, 1)
     torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)  # the experts' stream too: no state from earlier tests
     return args, build_engine(args, transformer_config_from_args(args), VOCAB)
 
 

@@ -370,9 +370,10 @@ CHECKOUT_SCRIPT = textwrap.dedent('''
              "--train-iters", "1"]
     import torch.distributed as dist
     import megatron.training
-        from granular_moe.megatron import megatron_lm
+    from granular_moe import GranularMoELayer
+    from granular_moe.megatron import megatron_lm
     from granular_moe.megatron.cpu_shims import apply_cpu_shims
-    from granular_moe.training.launch import distributed_env
+    from granular_moe.training.distributed import distributed_env
 
 
     def pretrain(full_config, *args, **kwargs):

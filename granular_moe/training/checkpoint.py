@@ -164,9 +164,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
 def _as_given(args, name: str):
-    """A flag's value as the user gave it (the MoE flags hold fine-grained values after parsing)."""
+    """A flag's value as the user gave it (the MoE flags hold fine-grained values after parsing), or as the
+    model uses it: ``--kv-channels`` unset is hidden / heads; ``--num-query-groups`` and the MLA sizes are not
+    read without ``--group-query-attention`` / ``--multi-latent-attention`` (Megatron-LM fills them anyway)."""
     value = getattr(args, name, None)
+    if name == "num_query_groups" and not getattr(args, "group_query_attention", False):
+        return None
+    if name in MLA_FLAGS and not getattr(args, "multi_latent_attention", False):
+        return None
+    if name == "kv_channels" and value is None and getattr(args, "num_attention_heads", None):
+        return args.hidden_size // args.num_attention_heads
     granularity = getattr(args, "moe_granularity", 1) or 1
     if getattr(args, "moe_granularity_applied", False) and value is not None:
         if name in ("num_experts", "moe_router_topk"):
@@ -184,6 +195,8 @@ def check_compatible(saved: argparse.Namespace, args: argparse.Namespace, direct
         f"{_flag(name)}: saved {_as_given(saved, name)!r}, this job {_as_given(args, name)!r}"
         for name in ARCHITECTURE_FLAGS
         if hasattr(saved, name) and _as_given(saved, name) != _as_given(args, name)
+        # an unset head width follows --hidden-size / --num-attention-heads, whose own lines say what differs
+        and not (name == "kv_channels" and getattr(saved, name) is None and getattr(args, name) is None)
     ]
     if load_optimizer and getattr(saved, "use_distributed_optimizer", False) != args.use_distributed_optimizer:
         differing.append(
