@@ -1,6 +1,6 @@
 """The expert block of a fine-grained MoE, forward + backward, per granularity G: ms, TFLOP/s, peak memory.
 
-Work (the issue's table, ``../shared/DESIGN.md``): T tokens of width d, a dense FFN d -> d_ff -> d; MoE
+Work (the README's expert-block table): T tokens of width d, a dense FFN d -> d_ff -> d; MoE
 with E experts and top-k routing made fine-grained by G: E*G experts of hidden d_ff/G, top-(k*G). Every
 column does the same work from the same routing (``x``, expert ids and gates given) to the combined
 output ``[T, d]``, then the backward for ``x`` and the expert weights (the gates are constants):
@@ -14,8 +14,9 @@ output ``[T, d]``, then the backward for ``x`` and the expert weights (the gates
   style; skipped above ``--loop-max-experts``).
 * ``grouped_mm``: gather, ``torch._grouped_mm`` twice, ``index_add`` (CUDA only; the sort is outside
   the timed step, as in the anchors).
-* ``ours_torch`` / ``ours_triton``: this package's ``dispatch_plan`` + ``grouped_mlp`` + ``combine`` from
-  ``--moe-kernels torch`` / ``triton`` (routing metadata inside the timed step; Triton on CUDA only).
+* ``ours_torch`` / ``ours_triton``: this package's ``dispatch_plan`` + ``grouped_mlp`` (the gates scaling the
+  activations) + plain-sum ``combine`` from ``--moe-kernels torch`` / ``triton``, as the layer runs them (routing
+  metadata inside the timed step; Triton on CUDA only).
 * ``scattermoe``: ScatterMoE's MLP (GLUMLP with ``--gated``) when ``--scattermoe-path`` names a folder
   holding its source (a local copy, never committed), given the same expert weights.
 
@@ -23,7 +24,7 @@ Before timing, every MoE column's output must equal ``ours_torch``'s to within t
 (``difference`` in the JSON): a column that computes something else is reported as an error, not timed.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` above what the inputs hold, in MiB (``null`` on CPU).
-Defaults are the issue's shapes (T=16384, d=2048, d_ff=8192, E=8, k=1, bf16, G=1..64) on a GPU;
+Defaults are the README's shapes (T=16384, d=2048, d_ff=8192, E=8, k=1, bf16, G=1..64) on a GPU;
 ``--tiny`` picks shapes a CPU runs in seconds (fp32), where the Triton columns run only under
 ``TRITON_INTERPRET=1`` (a check of their wiring; interpreter times mean nothing). Prints a table, writes
 ``bench_expert_block.json``.
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from granular_moe.dispatch import expert_order  # noqa: E402
 from granular_moe.ops import kernels_for  # noqa: E402
 from provenance import provenance  # noqa: E402
 
@@ -51,7 +53,7 @@ ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 # TRITON_INTERPRET=1 on a CPU: the Triton columns (ours, ScatterMoE) run under Triton's interpreter
 INTERPRETED = not ON_CUDA and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-ISSUE_SHAPES = dict(tokens=16384, d_model=2048, d_ff=8192, experts=8, topk=1, gs="1,4,16,64")
+DEFAULT_SHAPES = dict(tokens=16384, d_model=2048, d_ff=8192, experts=8, topk=1, gs="1,4,16,64")
 TINY_SHAPES = dict(tokens=64, d_model=32, d_ff=128, experts=4, topk=1, gs="1,2,4")
 IMPLS = ("dense", "loop", "grouped_mm", "ours_torch", "ours_triton", "scattermoe")
 # Largest output deviation from ours_torch (relative to its largest entry) for a column to count as the
@@ -172,10 +174,12 @@ def make_step(name: str, args, granularity: int, dtype: torch.dtype):
         activation = F.silu if args.gated else F.gelu
         weight = gates.reshape(-1)
 
-        def ours_forward():
+        def ours_forward():  # as the layer runs it: gates scale the activations, the combine sums
             plan = ops.dispatch_plan(flat, token_offsets, num_experts)
-            rows = ops.grouped_mlp(x, plan.tokens_per_expert, w1, w2, activation, args.gated, plan.source_token)
-            return ops.combine(rows, weight, plan.row_of_assignment, token_offsets)
+            probs = expert_order(weight, plan.row_of_assignment)
+            rows = ops.grouped_mlp(x, plan.tokens_per_expert, w1, w2, activation, args.gated, plan.source_token,
+                                   probs)
+            return ops.combine(rows, None, plan.row_of_assignment, token_offsets)
 
         return lambda: ours_forward().backward(grad), ours_forward
 
@@ -214,7 +218,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, d_ff: bool = True) -> None:
-    """The expert-block shape flags the kernel benchmarks share; unset ones take the issue's shapes, or the
+    """The expert-block shape flags the kernel benchmarks share; unset ones take the README's shapes, or the
     small ones with ``--tiny`` (:func:`fill_shape_defaults`)."""
     parser.add_argument("--tiny", action="store_true", help="small shapes a CPU runs in seconds")
     parser.add_argument("--tokens", type=int)
@@ -226,8 +230,8 @@ def add_shape_arguments(parser: argparse.ArgumentParser, d_ff: bool = True) -> N
     parser.add_argument("--gs", help="granularities, comma separated")
 
 
-def fill_shape_defaults(args: argparse.Namespace, issue_shapes: dict, tiny_shapes: dict) -> None:
-    for key, value in (tiny_shapes if args.tiny else issue_shapes).items():
+def fill_shape_defaults(args: argparse.Namespace, default_shapes: dict, tiny_shapes: dict) -> None:
+    for key, value in (tiny_shapes if args.tiny else default_shapes).items():
         if getattr(args, key, value) is None:
             setattr(args, key, value)
 
@@ -243,7 +247,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_expert_block.json")
     args = parser.parse_args(argv)
-    fill_shape_defaults(args, ISSUE_SHAPES, TINY_SHAPES)
+    fill_shape_defaults(args, DEFAULT_SHAPES, TINY_SHAPES)
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
     flops = 3 * 2 * args.tokens * args.topk * args.d_model * args.d_ff * (3 if args.gated else 2)
     info = provenance() | {

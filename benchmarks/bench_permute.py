@@ -11,7 +11,7 @@ must read or write counted once, indices and gates included:
 
 Columns: ``torch`` (the references of ``--moe-kernels torch``), ``index_add`` (combine as the
 ``index_add`` the anchors measured), ``triton`` (``--moe-kernels triton``, CUDA only). Reports ms, GB/s and
-% of the copy's GB/s. Defaults are the issue's shapes on a GPU (bf16); ``--tiny`` runs in seconds on a
+% of the copy's GB/s. Defaults are the README's shapes on a GPU (bf16); ``--tiny`` runs in seconds on a
 CPU (fp32). Prints a table, writes ``bench_permute.json``.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench_expert_block import (
-    DEVICE, ISSUE_SHAPES, ON_CUDA, TINY_SHAPES, add_shape_arguments, fill_shape_defaults, measure_ms, routing,
+    DEVICE, DEFAULT_SHAPES, ON_CUDA, TINY_SHAPES, add_shape_arguments, fill_shape_defaults, measure_ms, routing,
     significant, write_json,
 )
 from granular_moe.ops import kernels_for
@@ -75,7 +75,7 @@ def main(argv=None):
     add_shape_arguments(parser, d_ff=False)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_permute.json")
     args = parser.parse_args(argv)
-    fill_shape_defaults(args, ISSUE_SHAPES, TINY_SHAPES)
+    fill_shape_defaults(args, DEFAULT_SHAPES, TINY_SHAPES)
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
     info = provenance() | {
         "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "d_model": args.d_model,

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of the expert block for an H100/H200 (sm_90) without a GPU, at the issue's
+"""Compile every Triton kernel of the expert block for an H100/H200 (sm_90) without a GPU, at the README's
 shapes with the tile table's choices, and report what each kernel takes: shared memory, registers and
 register spills. Exits 1 when a kernel fails to compile, spills, or asks for more shared memory than an
 sm_90 block gets.
@@ -10,7 +10,7 @@ specialisation (argument alignment, integers equal to 1 or divisible by 16) and 
 target, through Triton's bundled ptxas; no kernel runs. The index tensors come from the reference
 routing, so the host code between launches sees valid metadata. Tile choices depend on the token count
 only through rows per expert, which the table caps at 128, so the default 1,024 tokens compile the same
-kernels as the issue's 16,384 (the printed tiles show it). Needs Triton with its NVIDIA backend; must run
+kernels as 16,384 (the printed tiles show it). Needs Triton with its NVIDIA backend; must run
 without ``TRITON_INTERPRET``.
 """
 
@@ -39,6 +39,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from bench_expert_block import add_shape_arguments, fill_shape_defaults  # noqa: E402
+from granular_moe.dispatch import expert_order  # noqa: E402
 from granular_moe.ops import reference  # noqa: E402
 from granular_moe.ops.triton import grouped_gemm, movement, routing  # noqa: E402
 from provenance import provenance  # noqa: E402
@@ -46,7 +47,7 @@ from provenance import provenance  # noqa: E402
 # H100 / H200: compute capability 9.0, 32-thread warps; 227 KiB of shared memory per block (opt-in).
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024
-ISSUE_SHAPES = dict(tokens=1024, d_model=2048, d_ff=8192, experts=8, topk=1, gs="1,4,16,64,256")
+DEFAULT_SHAPES = dict(tokens=1024, d_model=2048, d_ff=8192, experts=8, topk=1, gs="1,4,16,64,256")
 TINY_SHAPES = dict(tokens=64, d_model=64, d_ff=256, experts=4, topk=1, gs="1,4")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPILOGUES = {str(grouped_gemm.ACTIVATE): "activate", str(grouped_gemm.STORE): "store",
@@ -119,11 +120,20 @@ def expert_block_launches(tokens, d_model, d_expert, experts, topk, gated, dtype
     compiled = []
     with compile_only(compiled):
         routing.dispatch_plan(expert_index, token_offsets, experts)
+        # as the layer runs it: the gates scale the activations, the combine is a plain sum
         rows = grouped_gemm.grouped_mlp(
+            x, plan.tokens_per_expert, weight1, weight2, "silu" if gated else "gelu", gated, plan.source_token,
+            expert_order(gates, plan.row_of_assignment),
+        )
+        out = movement.combine(rows, None, plan.row_of_assignment, token_offsets)
+        out.backward(torch.zeros_like(out))
+        # the other variants: a weighted combine, an ungated expert block, the permute
+        weighted = movement.combine(rows.detach().requires_grad_(), gates, plan.row_of_assignment, token_offsets)
+        weighted.backward(torch.zeros_like(weighted))
+        plain = grouped_gemm.grouped_mlp(
             x, plan.tokens_per_expert, weight1, weight2, "silu" if gated else "gelu", gated, plan.source_token
         )
-        out = movement.combine(rows, gates, plan.row_of_assignment, token_offsets)
-        out.backward(torch.zeros_like(out))
+        plain.backward(torch.zeros_like(plain))
         movement.permute(x.detach().requires_grad_(), plan.source_token).backward(torch.zeros(rows.shape, dtype=dtype))
     return compiled
 
@@ -158,6 +168,8 @@ def tile_label(constants: dict) -> str:
     sizes = [constants[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_ROWS", "BLOCK_H", "BLOCK")
              if k in constants]
     epilogue = f" {constants['EPILOGUE']}" if "EPILOGUE" in constants else ""
+    if str(constants.get("HAS_PROBS")) == "True":  # the gates scale the activation (and get their gradient)
+        epilogue += " +gates"
     return "x".join(sizes) + f" w{constants['num_warps']} s{constants['num_stages']}{epilogue}"
 
 
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16", help=f"comma separated, of {', '.join(DTYPES)}")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernel_resources.json")
     args = parser.parse_args(argv)
-    fill_shape_defaults(args, ISSUE_SHAPES, TINY_SHAPES)
+    fill_shape_defaults(args, DEFAULT_SHAPES, TINY_SHAPES)
     rows = check(args)
     print(f"Triton {triton.__version__} kernels compiled for sm_90 (H100/H200), shared memory limit "
           f"{SHARED_MEMORY_LIMIT // 1024} KiB; tokens {args.tokens}, d_model {args.d_model}, d_ff {args.d_ff}, "

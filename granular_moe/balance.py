@@ -1,7 +1,8 @@
 """Load-balancing losses of the token-choice router, with megatron-core 0.19's numerics and names.
 
 ``--moe-router-load-balancing-type`` takes one type or a list, each with its coefficient from
-``--moe-aux-loss-coeff`` (a list of the same length when the type is a list):
+``--moe-aux-loss-coeff`` (a list of the same length when the type is a list; checked, and paired, by
+:func:`granular_moe.config.balance_coefficients`):
 
 - ``aux_loss`` (Switch, per micro-batch): ``E * sum_i f_i * P_i`` with ``f_i`` the share of the micro-batch's
   ``T*k`` routed slots that go to expert ``i`` and ``P_i`` its mean score over the ``T`` tokens; recorded as
@@ -27,37 +28,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from granular_moe.config import GranularMoEConfigError
-
-BALANCE_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 TRACKER_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
                  "global_aux_loss": "global_load_balancing_loss"}
-
-
-def balance_coefficients(config) -> dict:
-    """``{type: coefficient}`` of the configured load-balancing losses with a coefficient above 0."""
-    types, coefficients = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
-    if isinstance(types, (list, tuple)):
-        if not isinstance(coefficients, (list, tuple)) or len(coefficients) != len(types):
-            raise GranularMoEConfigError(
-                f"--moe-router-load-balancing-type lists {len(types)} types: give --moe-aux-loss-coeff a list of "
-                f"{len(types)} coefficients, one per type (got {coefficients!r})"
-            )
-        pairs = list(zip(types, coefficients))
-    else:
-        if isinstance(coefficients, (list, tuple)):
-            raise GranularMoEConfigError(
-                f"--moe-aux-loss-coeff is a list ({coefficients!r}) but --moe-router-load-balancing-type is one "
-                f"type ({types!r}): give one coefficient, or one type per coefficient"
-            )
-        pairs = [(types, coefficients)]
-    for kind, _ in pairs:
-        if kind not in BALANCE_TYPES:
-            raise GranularMoEConfigError(
-                f"--moe-router-load-balancing-type {kind!r} is not supported by the granular layer; valid values: "
-                f"{', '.join(BALANCE_TYPES)}"
-            )
-    return {kind: float(coefficient) for kind, coefficient in pairs if kind != "none" and coefficient}
 
 
 def switch_loss(scores: torch.Tensor, loads: torch.Tensor, num_tokens, topk: int, num_experts: int) -> torch.Tensor:
@@ -74,14 +46,22 @@ def _summed(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.T
     return tensor
 
 
+def bin_counts(index: torch.Tensor, bins: int, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.bincount(index[counted], minlength=bins)`` for indices below ``bins`` (int64), with a size fixed by
+    ``bins`` (bincount's depends on the largest index, which breaks a torch.compile graph) and ``counted``, a mask
+    of ``index``'s shape, applied by weight rather than by selection (no data-dependent shape either)."""
+    index = index.reshape(-1)
+    ones = torch.ones_like(index) if counted is None else counted.reshape(-1).to(index.dtype)
+    return torch.zeros(bins, dtype=index.dtype, device=index.device).index_add_(0, index, ones)
+
+
 def _loads(chosen: torch.Tensor, columns: int, valid: Optional[torch.Tensor], offset: Optional[torch.Tensor] = None):
-    """Routed slots per column of ``chosen [T, k]`` (shifted by ``offset [T]``, e.g. a token's sequence)."""
-    if valid is not None:
-        chosen = chosen[valid]
-        offset = None if offset is None else offset[valid]
+    """Routed slots per column of ``chosen [T, k]`` (shifted by ``offset [T]``, e.g. a token's sequence), valid
+    tokens only."""
     if offset is not None:
         chosen = chosen + offset.unsqueeze(-1)
-    return torch.bincount(chosen.reshape(-1), minlength=columns).to(torch.float64)
+    counted = None if valid is None else valid.unsqueeze(-1).expand_as(chosen)
+    return bin_counts(chosen, columns, counted).to(torch.float64)
 
 
 def batch_loss(scores, chosen, valid, topk: int, group) -> torch.Tensor:

@@ -14,8 +14,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from granular_moe.parallel_layout import divisors
+from granular_moe.scores import SCORE_FUNCTIONS
+
 ROUTER_TYPES = ("token_choice", "expert_choice")
 DROP_POLICIES = ("probs", "position")
+BALANCE_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
 
 class GranularMoEConfigError(ValueError):
@@ -33,10 +37,8 @@ class GranularShape:
     expert_model_parallel_size: int = 1
 
 
-def _divisors(n: int, limit: int = 16) -> str:
-    values = [d for d in range(1, n + 1) if n % d == 0]
-    shown = ", ".join(str(d) for d in values[:limit])
-    return shown + (", ..." if len(values) > limit else "")
+def _divisors(n: int) -> str:
+    return divisors(n, limit=16)
 
 
 def _require_int(value, flag: str, minimum: int = 1) -> int:
@@ -160,10 +162,6 @@ def check_layer_config(config, router_type: str) -> None:
         "--context-parallel-size must be 1": (config.context_parallel_size or 1) != 1,
         "--moe-router-force-load-balancing is not supported": config.moe_router_force_load_balancing,
         "--moe-apply-probs-on-input is not supported": config.moe_apply_probs_on_input,
-        "--moe-layer-recompute is not supported": config.moe_layer_recompute,
-        "--recompute-modules moe is not supported": (
-            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or [])
-        ),
         "--moe-shared-expert-overlap is not supported (the shared expert runs while tokens travel with "
         "the alltoall dispatcher's asynchronous exchange instead)": config.moe_shared_expert_overlap,
     }
@@ -172,12 +170,35 @@ def check_layer_config(config, router_type: str) -> None:
         raise GranularMoEConfigError("GranularMoELayer: " + "; ".join(problems))
 
 
+def balance_coefficients(config) -> dict:
+    """``{type: coefficient}`` of the configured load-balancing losses with a coefficient above 0."""
+    types, coefficients = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
+    if isinstance(types, (list, tuple)):
+        if not isinstance(coefficients, (list, tuple)) or len(coefficients) != len(types):
+            raise GranularMoEConfigError(
+                f"--moe-router-load-balancing-type lists {len(types)} types: give --moe-aux-loss-coeff a list of "
+                f"{len(types)} coefficients, one per type (got {coefficients!r})"
+            )
+        pairs = list(zip(types, coefficients))
+    else:
+        if isinstance(coefficients, (list, tuple)):
+            raise GranularMoEConfigError(
+                f"--moe-aux-loss-coeff is a list ({coefficients!r}) but --moe-router-load-balancing-type is one "
+                f"type ({types!r}): give one coefficient, or one type per coefficient"
+            )
+        pairs = [(types, coefficients)]
+    for kind, _ in pairs:
+        if kind not in BALANCE_TYPES:
+            raise GranularMoEConfigError(
+                f"--moe-router-load-balancing-type {kind!r} is not supported by the granular layer; valid values: "
+                f"{', '.join(BALANCE_TYPES)}"
+            )
+    return {kind: float(coefficient) for kind, coefficient in pairs if kind != "none" and coefficient}
+
+
 def check_routing_config(config, router_type: str) -> None:
     """Megatron's routing options as the granular routers take them: each valid combination accepted, each
     other one refused naming its flags and the valid values."""
-    from granular_moe.balance import balance_coefficients
-    from granular_moe.scores import SCORE_FUNCTIONS
-
     score_function = config.moe_router_score_function
     if score_function not in SCORE_FUNCTIONS:
         raise GranularMoEConfigError(

@@ -7,13 +7,15 @@ outputs back, in six phases around the expert computation, which the layer runs 
     state = dispatcher.token_dispatch(state)               # rows start travelling (asynchronous)
     ...                                                    # other work: the shared expert
     expert_input = dispatcher.dispatch_postprocess(state)  # rows arrived; expert-sorted order
-    expert_output = experts(expert_input.x, expert_input.tokens_per_expert, gather_index=expert_input.gather_index)
-    state = dispatcher.combine_preprocess(state, expert_output)  # gated outputs summed per returning row
+    expert_output = experts(expert_input.x, expert_input.tokens_per_expert, gather_index=expert_input.gather_index,
+                            probs=expert_input.probs)   # gated rows, in expert order
+    state = dispatcher.combine_preprocess(state, expert_output)  # gated rows summed per returning row
     state = dispatcher.token_combine(state)                # rows start back (asynchronous)
     output = dispatcher.combine_postprocess(state)         # each token sums its rows
 
 - :class:`LocalDispatcher`: every expert on this rank; the experts read their rows through ``gather_index``
-  (the permutation fused into the grouped GEMM's loads).
+  (the permutation fused into the grouped GEMM's loads) and scale each row's activation by its gate
+  (``probs``, in expert order), so the combine is a plain sum that keeps nothing for the backward.
 - :class:`AllToAllDispatcher`: de-duplicated all-to-all over a group; a token crosses to each destination
   once with its assignments there, and the destination hands what it received to an inner dispatcher. With a
   :class:`LocalDispatcher` inside, one level (experts spread over one node's ranks, or over every rank of the
@@ -36,12 +38,13 @@ from granular_moe.router import Routing
 
 @dataclass
 class ExpertInput:
-    """What the experts run on: row ``i`` is ``x[gather_index[i]]``, rows of expert ``e`` contiguous,
-    ``tokens_per_expert[e]`` of them."""
+    """What the experts run on: row ``i`` is ``x[gather_index[i]]`` with gate ``probs[i]``, rows of expert ``e``
+    contiguous, ``tokens_per_expert[e]`` of them."""
 
     x: torch.Tensor
     tokens_per_expert: torch.Tensor
     gather_index: torch.Tensor
+    probs: torch.Tensor
 
 
 class TokenDispatcher(Protocol):
@@ -62,7 +65,8 @@ def run_dispatcher(dispatcher: TokenDispatcher, x: torch.Tensor, routing: Routin
     """All six phases around ``experts`` with nothing in between: the layer's output rows for ``x``."""
     state = dispatcher.token_dispatch(dispatcher.dispatch_preprocess(x, routing))
     expert_input = dispatcher.dispatch_postprocess(state)
-    expert_output = experts(expert_input.x, expert_input.tokens_per_expert, gather_index=expert_input.gather_index)
+    expert_output = experts(expert_input.x, expert_input.tokens_per_expert, gather_index=expert_input.gather_index,
+                            probs=expert_input.probs)
     state = dispatcher.token_combine(dispatcher.combine_preprocess(state, expert_output))
     return dispatcher.combine_postprocess(state)
 
@@ -105,7 +109,7 @@ class _LocalState:
 
 class LocalDispatcher:
     """Every expert lives on this rank: the plan sorts the assignments by expert, the experts gather their
-    rows, and each token sums its gated outputs."""
+    rows and gate them, and each token sums its rows."""
 
     traffic = None
 
@@ -121,12 +125,13 @@ class LocalDispatcher:
         return state
 
     def dispatch_postprocess(self, state: _LocalState) -> ExpertInput:
-        return ExpertInput(state.x, state.plan.tokens_per_expert, state.plan.source_token)
+        probs = expert_order(state.routing.weight, state.plan.row_of_assignment)
+        return ExpertInput(state.x, state.plan.tokens_per_expert, state.plan.source_token, probs)
 
     def combine_preprocess(self, state: _LocalState, expert_output: torch.Tensor) -> _LocalState:
-        routing = state.routing
-        state.output = state.ops.combine(expert_output, routing.weight, state.plan.row_of_assignment,
-                                         routing.token_offsets)
+        # The rows come gated from the experts: a plain sum per token.
+        state.output = state.ops.combine(expert_output, None, state.plan.row_of_assignment,
+                                         state.routing.token_offsets)
         return state
 
     def token_combine(self, state: _LocalState) -> _LocalState:
@@ -245,8 +250,7 @@ class AllToAllDispatcher:
     def combine_postprocess(self, state: _Exchange) -> torch.Tensor:
         returned = state.returning.result()
         # Each token sums the rows it got back (one per member it visited).
-        ones = torch.ones(state.plan.send_token.numel(), dtype=state.routing.weight.dtype, device=returned.device)
-        return state.ops.combine(returned, ones, state.plan.sent_row_of_pair, state.plan.pair_offsets)
+        return state.ops.combine(returned, None, state.plan.sent_row_of_pair, state.plan.pair_offsets)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         return run_dispatcher(self, x, routing, experts)
@@ -277,6 +281,12 @@ def _sum_levels(outer: AllToAllTraffic, inner: AllToAllTraffic) -> AllToAllTraff
         inter_node_rows_sent=outer.inter_node_rows_sent + inner.inter_node_rows_sent,
         inter_node_bytes_sent=outer.inter_node_bytes_sent + inner.inter_node_bytes_sent,
     )
+
+
+def expert_order(weight: torch.Tensor, row_of_assignment: torch.Tensor) -> torch.Tensor:
+    """The gates of token-major assignments in the experts' row order (``probs[row_of_assignment[a]] =
+    weight[a]``); the backward keeps only ``row_of_assignment``, which the combine keeps too."""
+    return weight.new_empty(weight.shape).index_put_((row_of_assignment,), weight)
 
 
 def build_dispatcher(groups, num_local_experts: int, kernels: str = "auto", flat: bool = False) -> TokenDispatcher:

@@ -32,9 +32,12 @@ class GroupedExperts(torch.nn.Module):
     checkpoints place them by it (:meth:`sharded_state_dict`), so they load at any expert-parallel size.
     """
 
-    def __init__(self, config, num_local_experts: int, first_expert: int = 0, kernels: str = "auto"):
+    def __init__(self, config, num_local_experts: int, first_expert: int = 0, kernels: str = "auto",
+                 expert_groups=None):
         super().__init__()
         self.config = config
+        # the layer's ExpertParallelGroups (None: one process, or megatron-core's own groups alone)
+        self.expert_groups = expert_groups
         self.num_local_experts = num_local_experts
         self.activation = config.activation_func
         self.gated = config.gated_linear_unit
@@ -75,9 +78,11 @@ class GroupedExperts(torch.nn.Module):
             weight.copy_(every_expert[first_expert : first_expert + self.num_local_experts])
 
     def forward(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor] = None,
+        probs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Expert outputs for expert-sorted rows (``x[gather_index]`` when ``gather_index`` is given).
+        """Expert outputs for expert-sorted rows (``x[gather_index]`` when ``gather_index`` is given), each row's
+        activation scaled by its gate ``probs`` when given (kept in their own dtype, fp32 from the router).
 
         Under ``torch.autocast`` the experts compute in the autocast dtype, as ``torch.nn.Linear`` does.
         """
@@ -86,7 +91,7 @@ class GroupedExperts(torch.nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight1, weight2 = x.to(dtype), weight1.to(dtype), weight2.to(dtype)
         ops = kernels_for(self.kernels, x.device)
-        return ops.grouped_mlp(x, tokens_per_expert, weight1, weight2, self.activation, self.gated, gather_index)
+        return ops.grouped_mlp(x, tokens_per_expert, weight1, weight2, self.activation, self.gated, gather_index, probs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Megatron distributed-checkpoint view: each weight is a shard of the layer's global
@@ -94,9 +99,7 @@ class GroupedExperts(torch.nn.Module):
         expert-parallel size loads with another."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        from granular_moe.parallel import expert_parallel_groups
-
-        groups = expert_parallel_groups()
+        groups = self.expert_groups
         if groups is not None:
             replica = dist.get_group_rank(groups.expert_data_parallel, dist.get_rank())
         elif parallel_state.model_parallel_is_initialized():  # megatron-core's groups alone (EP 1)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from granular_moe.collectives import gather_tokens, split_tokens
@@ -15,7 +16,7 @@ from granular_moe.config import check_layer_config
 from granular_moe.dispatch import build_dispatcher, slice_routing
 from granular_moe.experts import GroupedExperts
 from granular_moe.ops import check_kernel_backend
-from granular_moe.parallel import ParallelLayoutError, expert_parallel_groups
+from granular_moe.parallel import ParallelLayoutError, expert_groups_for
 from granular_moe.router import RoutingStats, build_router
 
 
@@ -61,6 +62,11 @@ class GranularMoELayer(MegatronModule):
         kernels: ``auto`` or ``torch`` (see :mod:`granular_moe.ops`).
         flat_all_to_all: one all-to-all level over the whole expert-parallel group even when it spans nodes
             (for comparison; two levels otherwise).
+        expert_groups: the :class:`~granular_moe.parallel.ExpertParallelGroups` to spread the experts over
+            (e.g. built from DeepSpeed's groups outside Megatron); by default those of ``pg_collection`` when it
+            carries an expert-parallel group, else the module-level groups of
+            :func:`granular_moe.parallel.initialize_model_parallel` / ``expert_groups_from_megatron``
+            (:func:`granular_moe.parallel.expert_groups_for`).
     """
 
     def __init__(
@@ -74,12 +80,13 @@ class GranularMoELayer(MegatronModule):
         router_type: str = "token_choice",
         kernels: str = "auto",
         flat_all_to_all: bool = False,
+        expert_groups=None,
     ):
         super().__init__(config)
         check_layer_config(config, router_type)
         check_kernel_backend(kernels)
         self.router_type = router_type
-        groups = expert_parallel_groups()
+        groups = expert_groups if expert_groups is not None else expert_groups_for(pg_collection)
         ep_size, ep_rank = (1, 0) if groups is None else (groups.ep_size, groups.ep_rank)
         if config.expert_model_parallel_size != ep_size:
             raise ParallelLayoutError(
@@ -91,7 +98,8 @@ class GranularMoELayer(MegatronModule):
         sequence_sharded = self.tp_group is not None and config.sequence_parallel
         self.router = build_router(router_type, config, token_group=self.tp_group if sequence_sharded else None)
         num_local = config.num_moe_experts // ep_size
-        self.experts = GroupedExperts(config, num_local, first_expert=ep_rank * num_local, kernels=kernels)
+        self.experts = GroupedExperts(config, num_local, first_expert=ep_rank * num_local, kernels=kernels,
+                                      expert_groups=groups)
         self.dispatcher = build_dispatcher(groups, num_local, kernels, flat=flat_all_to_all)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
@@ -100,6 +108,12 @@ class GranularMoELayer(MegatronModule):
                 config=config, pg_collection=pg_collection or _default_pg_collection(),
                 gate=config.moe_shared_expert_gate, name=None if name is None else name + ".shared_experts",
             )
+        # megatron-core's memory options (--recompute-granularity selective --recompute-modules ...):
+        # "moe" (or --moe-layer-recompute) keeps only the layer's input and runs the layer again in the backward;
+        # "shared_experts" does so for the shared expert; "moe_act" is what the experts always do (they keep
+        # the first GEMM's output and recompute the activation).
+        self.recompute_layer = bool(config.moe_layer_recompute) or recompute_selected(config, "moe")
+        self.recompute_shared_experts = recompute_selected(config, "shared_experts")
         self.stats: Optional[RoutingStats] = None
         if layer_number is not None:
             self.set_layer_number(layer_number)
@@ -113,8 +127,16 @@ class GranularMoELayer(MegatronModule):
         """``hidden_states [s, b, h]`` -> ``(output [s, b, h], None)``.
 
         ``padding_mask [b, s]`` (True marks padding, Megatron's convention) removes padding tokens from
-        the router's losses; they are still routed.
+        the router's losses; they are still routed. With the "moe" recompute module the layer runs under
+        megatron-core's ``tensor_parallel.checkpoint``: the forward keeps only ``hidden_states``, the backward
+        runs the layer again (its all-to-alls included) and the router attaches its losses in that second run.
         """
+        if self.recompute_layer and self.training and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(functools.partial(self._forward, padding_mask=padding_mask), False,
+                                              hidden_states)
+        return self._forward(hidden_states, padding_mask)
+
+    def _forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         seq, batch, hidden = hidden_states.shape
         sharing_tokens = self.tp_group is not None and not self.config.sequence_parallel
         if sharing_tokens and (seq * batch) % dist.get_world_size(self.tp_group):
@@ -134,10 +156,10 @@ class GranularMoELayer(MegatronModule):
 
         dispatcher = self.dispatcher
         state = dispatcher.token_dispatch(dispatcher.dispatch_preprocess(x, routing))
-        shared = None if self.shared_experts is None else self.shared_experts(hidden_states)  # while tokens travel
+        shared = self._shared_experts(hidden_states)  # while the tokens travel
         expert_input = dispatcher.dispatch_postprocess(state)
         expert_output = self.experts(expert_input.x, expert_input.tokens_per_expert,
-                                     gather_index=expert_input.gather_index)
+                                     gather_index=expert_input.gather_index, probs=expert_input.probs)
         state = dispatcher.token_combine(dispatcher.combine_preprocess(state, expert_output))
         output = dispatcher.combine_postprocess(state)
 
@@ -147,6 +169,19 @@ class GranularMoELayer(MegatronModule):
         if shared is not None:
             output = output + shared.to(output.dtype)
         return output, None
+
+
+    def _shared_experts(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.shared_experts is None:
+            return None
+        if self.recompute_shared_experts and self.training and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(self.shared_experts, False, hidden_states)
+        return self.shared_experts(hidden_states)
+
+
+def recompute_selected(config, module: str) -> bool:
+    """``module`` is among the config's selectively recomputed modules (``--recompute-modules``)."""
+    return config.recompute_granularity == "selective" and module in (config.recompute_modules or [])
 
 
 def _local_shared_experts():
@@ -167,7 +202,7 @@ def _default_pg_collection():
 
 def _tensor_parallel_group(pg_collection):
     """The tensor-parallel group when it has more than one rank, else None."""
-    if pg_collection is not None:
+    if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
         group = pg_collection.tp
     elif parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_tensor_model_parallel_group()

@@ -24,6 +24,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from granular_moe.config import GranularMoEConfigError
+from granular_moe.parallel_layout import expert_node_problem, parallel_size_problems
 
 
 class ParallelLayoutError(GranularMoEConfigError):
@@ -81,8 +82,6 @@ def initialize_model_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 
     works, so processes on one machine can stand in for nodes; the world size keeps the flat all-to-all.
     """
     from megatron.core import parallel_state
-
-    from granular_moe.training.layout import parallel_size_problems
 
     ranks_per_node = default_ranks_per_node(ranks_per_node)
     problems = parallel_size_problems(dist.get_world_size(), tensor, pipeline, expert, num_experts,
@@ -158,8 +157,6 @@ def _node_groups(expert_ranks: tuple, every_expert_group: list, ranks_per_node: 
     """The intra- and inter-node groups of every expert-parallel group that spans nodes, created in the same
     order on every rank (``dist.new_group`` is collective); this rank's, or None when its group lies in one
     node."""
-    from granular_moe.training.layout import expert_node_problem
-
     problems = sorted({problem for ranks in every_expert_group
                        if (problem := expert_node_problem(ranks, ranks_per_node))})
     if problems:
@@ -222,6 +219,36 @@ def _check_against_megatron(groups: ExpertParallelGroups, parallel_state) -> lis
 def expert_parallel_groups() -> Optional[ExpertParallelGroups]:
     """The groups made by :func:`initialize_model_parallel`, or None in a single-process setting."""
     return _GROUPS
+
+
+def expert_groups_for(pg_collection=None) -> Optional[ExpertParallelGroups]:
+    """The groups a layer spreads its experts over: those of megatron-core's ``pg_collection`` (its ``ep`` and
+    ``expt_dp`` groups; megatron-core 0.19 hands the collection to every module it builds) when it carries an
+    expert-parallel group, else the module-level ones (:func:`expert_parallel_groups`).
+
+    When the collection's expert-parallel ranks are those of the module-level groups, the module-level groups
+    are used (DeepSpeed's, with their node groups for the two-level all-to-all). A collection whose group differs
+    gets one all-to-all level over it (node groups are created collectively, by
+    :func:`expert_groups_from_megatron`, not per layer)."""
+    group = None if pg_collection is None else getattr(pg_collection, "ep", None)
+    if group is None:
+        return _GROUPS
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if _GROUPS is not None and _GROUPS.expert_parallel_ranks == ranks:
+        return _GROUPS
+    if len(ranks) == 1:
+        return None
+    replicas = getattr(pg_collection, "expt_dp", None)
+    if replicas is None:
+        raise ParallelLayoutError(
+            f"the process-group collection has an expert-parallel group of ranks {list(ranks)} but no expert-data-"
+            f"parallel group (expt_dp): give both, as ProcessGroupCollection.use_mpu_process_groups() does"
+        )
+    return ExpertParallelGroups(
+        expert_parallel=group, expert_data_parallel=replicas, expert_parallel_ranks=ranks,
+        expert_data_parallel_ranks=tuple(dist.get_process_group_ranks(replicas)),
+        ranks_per_node=default_ranks_per_node(),
+    )
 
 
 def destroy_model_parallel() -> None:

@@ -28,7 +28,7 @@ from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from granular_moe import balance
-from granular_moe.config import GranularMoEConfigError
+from granular_moe.config import GranularMoEConfigError, balance_coefficients
 from granular_moe.scores import Selection, aux_loss_scores, select_experts
 
 
@@ -52,7 +52,8 @@ class Routing:
 
 @dataclass
 class RoutingStats:
-    """Detached per-layer statistics of one forward pass, for logging."""
+    """Per-layer statistics of one forward pass, for logging: detached, except the losses of a router whose
+    ``attach_losses`` is False (differentiable, for the caller to add to its loss)."""
 
     tokens_per_expert: torch.Tensor  # [E] kept assignments per expert (the expert-load histogram)
     dropped: torch.Tensor  # assignments dropped by the capacity limit
@@ -96,6 +97,35 @@ def _offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return offsets
 
 
+class WideLinear(torch.autograd.Function):
+    """``x @ weight^T`` computed in ``dtype`` (the router's fp32 or fp64), keeping for the backward ``x`` and
+    ``weight`` as they are (bf16 in mixed precision: the tensors a step holds anyway) rather than their wide copies,
+    which autograd would keep; the backward widens them again. Gradients equal autograd's through the casts."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.dtype = dtype
+        return x.to(dtype) @ weight.to(dtype).t()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        grad_x = (grad @ weight.to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.t() @ x.to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
+
+
+def _replaying() -> bool:
+    """In the backward's second run of a checkpointed forward (megatron-core's activation recompute): the
+    tokens were counted in the first run."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing() and torch.is_grad_enabled()
+
+
 class _Router(torch.nn.Module):
     """Shared parts: the gate weight, fp32 logits, the count of non-finite logits and loss attachment."""
 
@@ -118,6 +148,10 @@ class _Router(torch.nn.Module):
         # Tokens with NaN/Inf logits since the last check (a device tensor: read once per step), tokens seen.
         self.nonfinite_tokens: Optional[torch.Tensor] = None
         self.checked_tokens = 0
+        # False: the balance losses and the z-loss are neither attached to the backward nor recorded in
+        # megatron-core's tracker; the stats carry them differentiable and without coefficients, for a caller
+        # that adds them to its loss itself (as DeepSpeed's MoE returns its l_aux).
+        self.attach_losses = True
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -131,15 +165,20 @@ class _Router(torch.nn.Module):
         wide = x.dtype == torch.float64 or self.config.moe_router_dtype == "fp64"
         dtype = torch.float64 if wide else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            logits = x.to(dtype) @ self.weight.to(dtype).t()
-        with torch.no_grad():
-            bad = (~torch.isfinite(logits)).any(dim=-1).sum()
-            self.nonfinite_tokens = bad if self.nonfinite_tokens is None else self.nonfinite_tokens + bad
-            self.checked_tokens += logits.shape[0]
+            logits = WideLinear.apply(x, self.weight, dtype)
+        if not _replaying():
+            with torch.no_grad():
+                bad = (~torch.isfinite(logits)).any(dim=-1).sum()
+                self.nonfinite_tokens = bad if self.nonfinite_tokens is None else self.nonfinite_tokens + bad
+                self.checked_tokens += logits.shape[0]
         return logits
 
     def _attaching(self) -> bool:
         return self.training and torch.is_grad_enabled()
+
+    def _reported(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss as the stats carry it: detached, or differentiable for a caller that adds it itself."""
+        return loss if not self.attach_losses else loss.detach()
 
     def _num_layers(self) -> int:
         return self.config.num_layers + (self.config.mtp_num_layers or 0)
@@ -149,7 +188,7 @@ class _Router(torch.nn.Module):
         """Attach ``coeff * loss`` to ``tensor``'s backward and record it for Megatron's aux-loss log, which
         sums the record over ``record_group`` (the token group by default): a loss that is this rank's share
         of a sum goes in as it is, a local mean as its share of the group's mean."""
-        if coeff == 0 or not self._attaching():
+        if coeff == 0 or not self._attaching() or not self.attach_losses:
             return tensor
         tracked = loss.detach() if share_of_sum else loss.detach() / self._token_group_size()
         get_moe_metrics_tracker().record(
@@ -162,9 +201,11 @@ class _Router(torch.nn.Module):
         return MoEAuxLossAutoScaler.apply(tensor, scaled)
 
     def _z_loss(self, logits: torch.Tensor, valid: Optional[torch.Tensor]):
-        """Unscaled z-loss, and logits carrying its gradient when training with a z-loss coefficient."""
-        z = router_z_loss(logits, valid)
+        """Unscaled z-loss, and logits carrying its gradient when training with a z-loss coefficient (without
+        one the z-loss is a statistic: computed without autograd, nothing kept for the backward)."""
         coeff = (self.config.moe_z_loss_coeff or 0.0) / self._token_group_size()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (coeff != 0 or not self.attach_losses)):
+            z = router_z_loss(logits, valid)
         num_tokens = logits.shape[0] if valid is None else valid.sum()
         return z, self._attach(logits, z, coeff, "z_loss", num_tokens, share_of_sum=False)
 
@@ -178,7 +219,7 @@ class TokenChoiceRouter(_Router):
     def __init__(self, config, token_group: Optional[dist.ProcessGroup] = None):
         super().__init__(config, token_group)
         self.selection = Selection.from_config(config)
-        self.balance_coefficients = balance.balance_coefficients(config)
+        self.balance_coefficients = balance_coefficients(config)
         self.enable_expert_bias = bool(config.moe_router_enable_expert_bias)
         if self.enable_expert_bias:
             zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=self.device)
@@ -213,9 +254,7 @@ class TokenChoiceRouter(_Router):
             self._float32_bias()
         logits = self.gate_logits(x)
         z_value, logits = self._z_loss(logits, valid)
-        gate, top_experts = select_experts(logits, self.selection, self.expert_bias)
-        top_experts, order = top_experts.sort(dim=-1)
-        gate = gate.gather(-1, order)
+        gate, top_experts = select_experts(logits, self.selection, self.expert_bias)  # experts ascending per token
         gate, losses = self._balance(gate, logits, valid, sequence_shape or (num_tokens, 1))
 
         flat_experts = top_experts.reshape(-1)
@@ -231,7 +270,7 @@ class TokenChoiceRouter(_Router):
             kept_per_token = keep.view(num_tokens, k).sum(dim=-1)
             expert_index, weight = flat_experts[keep], flat_gate[keep]
 
-        tokens_per_expert = torch.bincount(expert_index, minlength=num_experts)
+        tokens_per_expert = balance.bin_counts(expert_index, num_experts)
         if self.enable_expert_bias and self._attaching():
             self._count_loads(flat_experts, keep, valid)
         stats = RoutingStats(
@@ -239,7 +278,7 @@ class TokenChoiceRouter(_Router):
             dropped=num_tokens * k - kept_per_token.sum(),
             unrouted_tokens=(kept_per_token == 0).sum(),
             balance_losses=losses,
-            z_loss=z_value.detach(),
+            z_loss=self._reported(z_value),
         )
         routing = Routing(expert_index, weight, _offsets_from_counts(kept_per_token), num_experts)
         return routing, stats
@@ -250,7 +289,7 @@ class TokenChoiceRouter(_Router):
         counted = torch.ones_like(flat_experts, dtype=torch.bool) if keep is None else keep
         if valid is not None:
             counted = counted & valid.repeat_interleave(self.topk)
-        loads = torch.bincount(flat_experts[counted], minlength=self.num_experts)
+        loads = balance.bin_counts(flat_experts, self.num_experts, counted)
         self.local_tokens_per_expert += loads.to(self.local_tokens_per_expert.dtype)
 
     def _balance(self, gate, logits, valid, sequence_shape):
@@ -274,9 +313,9 @@ class TokenChoiceRouter(_Router):
             gate = self._attach(gate, loss, coefficient, balance.TRACKER_NAMES[kind], local_tokens, share_of_sum=True,
                                 record_group=self._global_group() if global_kind else None,
                                 needs_dp_avg=not global_kind)
-            losses[kind] = loss.detach()
+            losses[kind] = self._reported(loss)
         if "aux_loss" not in losses:
-            losses["aux_loss"] = kinds["aux_loss"]().detach()
+            losses["aux_loss"] = self._reported(kinds["aux_loss"]())
         return gate, losses
 
     def _global_group(self):
@@ -298,7 +337,7 @@ class TokenChoiceRouter(_Router):
         else:
             priority = torch.arange(n, device=experts.device)
         by_expert = priority[torch.argsort(experts[priority], stable=True)]
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        counts = balance.bin_counts(experts, self.num_experts)
         first_slot = torch.cumsum(counts, dim=0) - counts
         rank_in_expert = torch.arange(n, device=experts.device) - first_slot[experts[by_expert]]
         keep = torch.empty(n, dtype=torch.bool, device=experts.device)
@@ -330,13 +369,13 @@ class ExpertChoiceRouter(_Router):
         experts = torch.arange(num_experts, device=x.device).repeat_interleave(capacity)
         tokens = chosen_tokens.reshape(-1)
         order = torch.argsort(tokens * num_experts + experts)
-        per_token = torch.bincount(tokens, minlength=num_tokens)
+        per_token = balance.bin_counts(tokens, num_tokens)
         tokens_per_expert = torch.full((num_experts,), capacity, dtype=torch.long, device=x.device)
         stats = RoutingStats(
             tokens_per_expert=tokens_per_expert,
             dropped=torch.zeros((), dtype=torch.long, device=x.device),
             unrouted_tokens=(per_token == 0).sum(),
-            z_loss=z_value.detach(),
+            z_loss=self._reported(z_value),
             balance_losses={},
         )
         routing = Routing(

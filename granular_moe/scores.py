@@ -73,27 +73,43 @@ def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_t
     return torch.topk(scores.masked_fill(~expert_mask, float("-inf")), k=topk, dim=-1)
 
 
-def _topk(scores: torch.Tensor, selection: Selection):
-    if selection.group_topk:
-        return group_limited_topk(scores, selection.topk, selection.num_groups, selection.group_topk)
-    return torch.topk(scores, k=selection.topk, dim=-1)
+def _chosen(scores: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The experts ``[T, k]`` each token takes by ``scores`` (group-limited when configured), ascending per token.
+
+    Chosen without autograd: the gates are gathered from the differentiable scores at these indices afterwards,
+    so the backward keeps one ``[T, k]`` index (the gather's) and nothing of the selection itself."""
+    with torch.no_grad():
+        if selection.group_topk:
+            _, experts = group_limited_topk(scores, selection.topk, selection.num_groups, selection.group_topk)
+        else:
+            _, experts = torch.topk(scores, k=selection.topk, dim=-1)
+        return experts.sort(dim=-1).values
+
+
+def _take(scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """``scores.gather(1, experts)`` by advanced indexing, whose backward keeps the indices only (``gather`` keeps
+    the whole ``[T, E]`` source too), as int32 (half the bytes; expert and token counts are far below 2**31)."""
+    rows = torch.arange(scores.shape[0], device=scores.device, dtype=torch.int32).unsqueeze(1)
+    return scores[rows, experts.to(torch.int32)]
 
 
 def select_experts(logits: torch.Tensor, selection: Selection, expert_bias: Optional[torch.Tensor] = None):
-    """``logits [T, E]`` -> ``(gates [T, k], experts [T, k])``, megatron-core's probabilities and indices."""
+    """``logits [T, E]`` -> ``(gates [T, k], experts [T, k])``, megatron-core's probabilities and indices, with each
+    token's experts in ascending order (megatron-core's top-k order differs; the (expert, gate) pairs are the
+    same)."""
     if selection.score_function == "softmax":
         if selection.pre_softmax:
-            gates, experts = _topk(torch.softmax(logits, dim=-1), selection)
+            probs = torch.softmax(logits, dim=-1)
+            experts = _chosen(probs, selection)
+            gates = _take(probs, experts)
         else:
-            chosen, experts = _topk(logits, selection)
-            gates = torch.softmax(chosen, dim=-1)
+            experts = _chosen(logits, selection)
+            gates = torch.softmax(_take(logits, experts), dim=-1)
     else:
         scores = expert_scores(logits, selection.score_function)
-        if expert_bias is not None:
-            _, experts = _topk(scores + expert_bias.to(scores.dtype), selection)
-            gates = scores.gather(1, experts)
-        else:
-            gates, experts = _topk(scores, selection)
+        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+        experts = _chosen(biased, selection)
+        gates = _take(scores, experts)
         if selection.topk > 1:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
     if selection.scaling_factor:
@@ -108,4 +124,6 @@ def aux_loss_scores(logits: torch.Tensor, topk: int, score_function: str):
     scores = expert_scores(logits, score_function)
     if score_function != "softmax":
         scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
-    return scores, torch.topk(scores, k=topk, dim=-1)[1]
+    with torch.no_grad():  # the loads are counts: no gradient, nothing kept for the backward
+        chosen = torch.topk(scores, k=topk, dim=-1)[1]
+    return scores, chosen

@@ -183,3 +183,30 @@ def routed_ranks(case, weights, x, num_local_experts):
         {int(e) // num_local_experts for e in routing.expert_index[offsets[t] : offsets[t + 1]]}
         for t in range(TOKENS)
     ]
+
+
+def process_group_collection_worker(rank, world_size, case):
+    """The layer given megatron-core's ``pg_collection`` with an expert-parallel group of every rank while the
+    module-level groups (megatron-core's parallel state, DeepSpeed's) hold EP 1: the collection's group is used."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from granular_moe.parallel import destroy_model_parallel, initialize_model_parallel
+
+    initialize_model_parallel(expert=1)
+    expert_parallel = dist.new_group(list(range(world_size)))
+    replicas = [dist.new_group([r]) for r in range(world_size)]
+    collection = ProcessGroupCollection(tp=parallel_state.get_tensor_model_parallel_group(), ep=expert_parallel,
+                                        expt_dp=replicas[rank])
+    weights, inputs = case_data(case, world_size)
+    layer = GranularMoELayer(case_config(case, ep=world_size), layer_number=1, pg_collection=collection)
+    load_weights(layer, weights)
+    x, projection = inputs[rank]
+    x = x.clone().requires_grad_()
+    out, _ = layer(x)
+    (out * projection).sum().backward()
+    result = {"out": out.detach(), "x_grad": x.grad, "weight1_grad": layer.experts.weight1.grad,
+              "expert_ids": layer.experts.global_expert_ids, "all_to_all": type(layer.dispatcher).__name__}
+    destroy_model_parallel()
+    return result

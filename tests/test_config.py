@@ -82,11 +82,6 @@ def test_apply_granularity_needs_an_moe_model():
         (dict(context_parallel_size=2), "--context-parallel-size must be 1"),
         (dict(moe_router_force_load_balancing=True), "--moe-router-force-load-balancing is not supported"),
         (dict(moe_apply_probs_on_input=True, topk=1), "--moe-apply-probs-on-input is not supported"),
-        (dict(moe_layer_recompute=True), "--moe-layer-recompute is not supported"),
-        (
-            dict(recompute_granularity="selective", recompute_modules=["moe"]),
-            "--recompute-modules moe is not supported",
-        ),
         (dict(moe_router_load_balancing_type="sinkhorn"),
          "--moe-router-load-balancing-type 'sinkhorn' is not supported by the granular layer; valid values: aux_loss, "
          "seq_aux_loss, global_aux_loss, none"),

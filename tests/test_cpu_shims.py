@@ -36,14 +36,15 @@ def test_shims_change_nothing_on_a_gpu_build():
             readers = [DistributedOptimizer.__init__, optimizer.Float16OptimizerWithFloat16Params.__init__,
                        clip_grads.clip_grad_by_total_norm_fp32, optimizer.clip_grad_by_total_norm_fp32]
             return cuda + modules + readers + [torch.Tensor.cuda, torch.Tensor.type, random.CudaRNGStatesTracker,
-                                               random._CUDA_RNG_STATE_TRACKER]
+                                               random._CUDA_RNG_STATE_TRACKER, random._get_cuda_rng_state,
+                                               random._set_cuda_rng_state]
         before = state()
         applied = apply_cpu_shims()
         print(applied, cpu_shims_applied(), all(a is b for a, b in zip(before, state())), len(before))
         """
     )
     assert out.split()[:3] == ["False", "False", "True"]
-    assert int(out.split()[3]) == 7 + len(CUDA_LITERAL_MODULES) + 4 + 4
+    assert int(out.split()[3]) == 7 + len(CUDA_LITERAL_MODULES) + 4 + 6
 
 
 def test_megatron_needs_the_shims_on_this_cpu():
@@ -58,7 +59,9 @@ def test_megatron_needs_the_shims_on_this_cpu():
         calls = [("buffer", lambda: GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")), ("seed", seed),
                  ("literal", lambda: clip_grads.torch.zeros(1, device="cuda")),
                  ("stream", lambda: torch.cuda.Stream()), ("synchronize", torch.cuda.synchronize),
-                 ("cuda", lambda: torch.ones(1).cuda())]
+                 ("cuda", lambda: torch.ones(1).cuda()),
+                 ("checkpoint",
+                  lambda: tensor_parallel.checkpoint(torch.sin, False, torch.ones(2, requires_grad=True)))]
         for label, call in calls:
             try:
                 call(); print(label, "ok")
@@ -83,11 +86,20 @@ def test_megatron_needs_the_shims_on_this_cpu():
         with tracker.fork():
             b = torch.rand(3)
         print("fork", bool(not torch.equal(a, b)))   # the forked stream advances
+        def dropped(t):   # dropout in the tracker's stream: the backward's second run draws the same mask
+            with tracker.fork():
+                return torch.nn.functional.dropout(t, 0.5) * t
+        x = torch.randn(64, requires_grad=True)
+        out = tensor_parallel.checkpoint(dropped, False, x)
+        out.sum().backward()
+        mask = out.detach() != 0
+        print("recompute", bool(torch.equal(x.grad, torch.where(mask, 4 * x.detach(), 0.0))))
         """
     )
     lines = out.splitlines()
-    assert lines[:6] == [f"{label} fails" for label in ("buffer", "seed", "literal", "stream", "synchronize", "cuda")]
-    assert lines[6:] == ["(2, 3)", "cpu cpu", "True cpu", "fork True"]
+    assert lines[:7] == [f"{label} fails" for label in ("buffer", "seed", "literal", "stream", "synchronize", "cuda",
+                                                        "checkpoint")]
+    assert lines[7:] == ["(2, 3)", "cpu cpu", "True cpu", "fork True", "recompute True"]
 
 
 @pytest.mark.parametrize("module", CUDA_LITERAL_MODULES)

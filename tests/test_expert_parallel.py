@@ -15,6 +15,7 @@ from expert_parallel_cases import (
     close,
     distributed_worker,
     load_weights,
+    process_group_collection_worker,
     routed_ranks,
     single_process_reference,
 )
@@ -129,3 +130,20 @@ def test_tensor_and_expert_parallel_equal_single_process(gloo_world):
                 tracked = sum(results[replica * tp + j][index]["tracked_z_loss"] for j in range(tp))
                 assert tracked == pytest.approx(float(references[replica]["z_loss"]), rel=1e-6)  # fp32 tracker
 
+
+
+def test_the_layer_takes_its_expert_group_from_megatrons_process_group_collection():
+    """megatron-core 0.19 passes process groups explicitly: an expert-parallel group in the layer's
+    ``pg_collection`` spreads the experts over its ranks even where the module-level groups say EP 1, and the
+    result equals one process."""
+    case = dict(granularity=4)
+    results = run_distributed(process_group_collection_worker, 2, case)
+    weights, inputs = case_data(case, 2)
+    references = [single_process_reference(case, weights, *inputs[r]) for r in range(2)]
+    weight1_grad = sum(ref["weight1_grad"] for ref in references)
+    for rank in range(2):
+        got = results[rank]
+        assert got["all_to_all"] == "AllToAllDispatcher" and len(got["expert_ids"]) == 8
+        close(got["out"], references[rank]["out"])
+        close(got["x_grad"], references[rank]["x_grad"])
+        close(got["weight1_grad"], weight1_grad[got["expert_ids"]])

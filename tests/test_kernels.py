@@ -143,23 +143,29 @@ def mlp_inputs(case, hidden, expert_hidden, gated, dtype, seed=0):
 
 
 def run_mlp(kernels, tensors, plan, activation, gated, gather=True):
+    """``tensors``: x, weight1, weight2 and optionally the rows' gates (probs)."""
     leaves = [t.clone().requires_grad_() for t in tensors]
     gather_index = plan.source_token if gather else None
-    out = kernels.grouped_mlp(leaves[0], plan.tokens_per_expert, leaves[1], leaves[2], activation, gated, gather_index)
+    probs = leaves[3] if len(leaves) > 3 else None
+    out = kernels.grouped_mlp(leaves[0], plan.tokens_per_expert, leaves[1], leaves[2], activation, gated, gather_index,
+                              probs)
     out.backward(torch.randn(out.shape, generator=seeded(GRAD_SEED)).to(out.dtype))
     return out, [leaf.grad for leaf in leaves]
 
 
-def assert_mlp_matches_fp64_reference(case, activation, gated, dtype, hidden=24, expert_hidden=40, gather=True):
+def assert_mlp_matches_fp64_reference(case, activation, gated, dtype, hidden=24, expert_hidden=40, gather=True,
+                                      gates=False):
     tensors, plan = mlp_inputs(case, hidden, expert_hidden, gated, dtype)
     if not gather:
         tensors[0] = tensors[0][plan.source_token]
+    if gates:  # the router's gates stay fp32 whatever the experts' dtype
+        tensors.append(torch.rand(plan.source_token.numel(), generator=seeded(5)) + 0.1)
     out, grads = run_mlp(TRITON, tensors, plan, activation, gated, gather)
     expected, expected_grads = run_mlp(REFERENCE, [t.double() for t in tensors], plan, activation, gated, gather)
     assert out.dtype == dtype and out.shape == expected.shape
     assert relative_error(out, expected) < TOLERANCE[dtype]
-    for name, got, want in zip(("x", "weight1", "weight2"), grads, expected_grads):
-        assert got.dtype == dtype
+    for name, tensor, got, want in zip(("x", "weight1", "weight2", "probs"), tensors, grads, expected_grads):
+        assert got.dtype == tensor.dtype
         assert relative_error(got, want) < TOLERANCE[dtype], name
     for e in case.empty_experts:  # experts without rows: exactly zero weight gradients
         assert grads[1][e].eq(0).all() and grads[2][e].eq(0).all()
@@ -192,6 +198,118 @@ def test_grouped_mlp_other_activations(activation, gated, small_tiles):
 def test_grouped_mlp_half_precision(gated, small_tiles):
     case = RoutingCase("k3", 11, 7, 3, empty_experts=(2,))
     assert_mlp_matches_fp64_reference(case, F.silu if gated else F.gelu, gated, torch.float16)
+
+
+@pytest.mark.parametrize("case, gated", [(ROUTING_CASES[1], False), (ROUTING_CASES[3], True), (ROUTING_CASES[4], True)],
+                         ids=["top1-gelu", "drops-swiglu", "random-swiglu"])
+def test_grouped_mlp_with_gates_matches_fp64_reference(case, gated, small_tiles):
+    """Gates scale each row's activation; their gradient comes out of the activation backward's epilogue as
+    partial sums over 16-wide column tiles (40 expert columns: three tiles, the last partial)."""
+    assert_mlp_matches_fp64_reference(case, F.silu if gated else F.gelu, gated, torch.float32, gates=True)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_grouped_mlp_with_gates_half_precision(gated, small_tiles):
+    case = RoutingCase("k3", 11, 7, 3, empty_experts=(2,))
+    assert_mlp_matches_fp64_reference(case, F.silu if gated else F.gelu, gated, torch.float16, gates=True)
+
+
+def autograd_expert_block(x, weight1, weight2, probs, plan, token_offsets, activation, gated):
+    """The layer's expert block written with autograd alone (no custom backward): gather, per-expert MLP, the
+    gated outputs summed per token."""
+    rows = x[plan.source_token]
+    outputs = []
+    for e, part in enumerate(rows.split(plan.tokens_per_expert.tolist())):
+        h = part @ weight1[e]
+        if gated:
+            a, g = h.chunk(2, dim=-1)
+            act = activation(a) * g
+        else:
+            act = activation(h)
+        outputs.append(act @ weight2[e])
+    expert_rows = torch.cat(outputs)
+    gate_of_row = torch.empty_like(probs).index_put((plan.row_of_assignment,), probs)
+    gated_rows = expert_rows * gate_of_row.unsqueeze(-1)
+    token = torch.repeat_interleave(torch.arange(token_offsets.numel() - 1), token_offsets.diff())
+    return torch.zeros(token_offsets.numel() - 1, x.shape[1], dtype=x.dtype).index_add(
+        0, token, gated_rows[plan.row_of_assignment])
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_expert_block_with_gates_in_the_experts_equals_autograd(kernels, gated, small_tiles):
+    """What the layer runs (gates into ``grouped_mlp`` in expert order, a plain-sum ``combine``) against the
+    autograd-only expert block in fp64 (fp32 for Triton), forward and the gradients of x, both weights and the
+    token-major gates."""
+    from granular_moe.dispatch import expert_order
+
+    ops = REFERENCE if kernels == "torch" else TRITON
+    dtype = torch.float64 if kernels == "torch" else torch.float32
+    case = RoutingCase("k3_drops", 10, 6, 3, drop_rate=0.3, empty_experts=(4,), seed=2)
+    expert_index, token_offsets = case.build()
+    (x, weight1, weight2), plan = mlp_inputs(case, 24, 40, gated, torch.float64)
+    gates = torch.rand(expert_index.numel(), generator=seeded(9), dtype=torch.float64)
+    activation = F.silu if gated else F.gelu
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight1, weight2, gates)]
+    probs = expert_order(leaves[3], plan.row_of_assignment)
+    rows = ops.grouped_mlp(leaves[0], plan.tokens_per_expert, leaves[1], leaves[2], activation, gated,
+                           plan.source_token, probs)
+    out = ops.combine(rows, None, plan.row_of_assignment, token_offsets)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, weight1, weight2, gates)]
+    expected = autograd_expert_block(*ref_leaves, plan, token_offsets, activation, gated)
+    grad = torch.randn(expected.shape, generator=seeded(GRAD_SEED), dtype=torch.float64)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(out, expected) < tolerance
+    for name, got, want in zip(("x", "weight1", "weight2", "gates"), leaves, ref_leaves):
+        assert relative_error(got.grad, want.grad) < tolerance, name
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_expert_block_keeps_no_row_of_the_model_width(kernels, small_tiles):
+    """Saved for the backward by the expert block (plan, gates in expert order, grouped MLP, plain-sum combine),
+    parameters and the input excluded: the first GEMM's output, the gates and integer metadata; no tensor with
+    as many elements as the assignments' rows of the model's width."""
+    from granular_moe.dispatch import expert_order
+    from granular_moe.memory import SavedForBackward
+
+    ops = REFERENCE if kernels == "torch" else TRITON
+    case = RoutingCase("k4", 12, 8, 4, empty_experts=(3,))
+    expert_index, token_offsets = case.build()
+    hidden, expert_hidden = 48, 16  # the model is wider than the expert (fine-grained)
+    (x, weight1, weight2), _ = mlp_inputs(case, hidden, expert_hidden, True, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, weight1, weight2)]
+    gates = torch.rand(expert_index.numel(), generator=seeded(9)).requires_grad_()
+    with SavedForBackward(exclude=[*leaves, gates]) as saved:
+        plan = ops.dispatch_plan(expert_index, token_offsets, case.num_experts)
+        probs = expert_order(gates, plan.row_of_assignment)
+        rows = ops.grouped_mlp(x, plan.tokens_per_expert, weight1, weight2, F.silu, True, plan.source_token, probs)
+        out = ops.combine(rows, None, plan.row_of_assignment, token_offsets)
+    assignments = expert_index.numel()
+    first_gemm_output = assignments * 2 * expert_hidden * 4
+    # int32 row and token indices, fp32 gates; the token offsets, and the expert counts (Triton)
+    metadata = assignments * (4 + 4 + 4) + (case.num_tokens + 1) * 8 + case.num_experts * 8
+    assert max(t.nbytes for t in saved.tensors) == first_gemm_output
+    assert all(t.nbytes < assignments * hidden * 4 for t in saved.tensors)
+    assert first_gemm_output < saved.nbytes <= first_gemm_output + metadata
+    out.sum().backward()
+    assert all(t.grad is not None for t in (*leaves, gates))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_plain_sum_combine_matches_reference(dtype, small_tiles):
+    case = RoutingCase("k3_drops", 9, 6, 3, drop_rate=0.3)
+    expert_output, _, rows, token_offsets = combine_inputs(case, dtype)
+    ours, ref = expert_output.clone().requires_grad_(), expert_output.double().requires_grad_()
+    out = TRITON.combine(ours, None, rows, token_offsets)
+    expected = REFERENCE.combine(ref, None, rows, token_offsets)
+    assert out.dtype == dtype
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    grad = torch.randn(out.shape, generator=seeded(GRAD_SEED)).to(dtype)
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert relative_error(ours.grad, ref.grad) < TOLERANCE[dtype]
 
 
 def test_grouped_mlp_default_tiles_and_expert_sorted_input():

@@ -50,7 +50,7 @@ def run_layer_and_reference(config, router_type, seed=0):
     return layer, out, gates, logits
 
 
-@pytest.mark.parametrize("granularity", [1, 2, 4, 16])
+@pytest.mark.parametrize("granularity", [1, 2, 4, 16, 64])
 @pytest.mark.parametrize("router_type", ["token_choice", "expert_choice"])
 def test_dropless_matches_reference(granularity, router_type):
     config = moe_config(granularity, moe_aux_loss_coeff=0.0)
@@ -75,7 +75,7 @@ def test_gated_silu_experts_match_reference():
     assert layer.experts.weight1.shape == (16, 16, 2 * 16)
 
 
-@pytest.mark.parametrize("granularity", [1, 4, 16])
+@pytest.mark.parametrize("granularity", [1, 4, 16, 64])
 @pytest.mark.parametrize("drop_policy", ["probs", "position"])
 def test_capacity_drops_match_reference(granularity, drop_policy):
     config = moe_config(granularity, moe_expert_capacity_factor=0.5, moe_token_drop_policy=drop_policy)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from distributed import run_distributed
 from granular_moe.parallel import ParallelLayoutError
-from granular_moe.training.layout import parallel_size_problems
+from granular_moe.parallel_layout import parallel_size_problems
 
 
 def layouts_worker(rank, world_size, layouts):

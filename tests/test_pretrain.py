@@ -64,6 +64,12 @@ def test_main_job_trains_logs_and_saves_on_two_processes(tmp_path):
     (["--min-lr", "0.1"], "--min-lr 0.1 must lie in 0..--lr 0.003"),
     (["--save-interval", "0"], "--save-interval must be >= 1, got 0"),
     (["--moe-layer-freq", "[1,0,1]"], "--moe-layer-freq lists 3 layers, --num-layers is 2"),
+    (["--recompute-modules", "moe"], "--recompute-modules needs --recompute-granularity selective"),
+    (["--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method (uniform, block)"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "shared_experts"],
+     "--recompute-modules shared_experts needs --moe-shared-expert-intermediate-size"),
+    (["--recompute-granularity", "selective", "--recompute-method", "block"],
+     "--recompute-method and --recompute-num-layers go with --recompute-granularity full"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     from granular_moe.training.pretrain import main

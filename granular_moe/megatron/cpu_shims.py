@@ -19,6 +19,9 @@ result, and on a machine with a GPU :func:`apply_cpu_shims` does nothing at all.
 4. The RNG tracker (``get_cuda_rng_tracker().fork()``, used for dropout and initialisation) keeps CPU
    generator states with the same names and seeds, so Megatron's ``model_parallel_cuda_manual_seed`` works
    unchanged.
+5. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA generator's state beside
+   the CPU one and the tracker's: on a CPU there is none, so its read gives an empty state and its write does
+   nothing (the CPU generator and the tracker's states are restored as before).
 
 Build models with ``use_cpu_initialization=True``.
 """
@@ -207,6 +210,14 @@ def _cuda_type_readers():
     )
 
 
+def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _ignore_cuda_rng_state(*args, **kwargs) -> None:
+    return None
+
+
 def cpu_shims_applied() -> bool:
     return torch.Tensor.cuda is _tensor_stays
 
@@ -227,6 +238,8 @@ def apply_cpu_shims() -> bool:
         if not hasattr(function, "cpu_shim_of"):
             setattr(owner, name, _while_patched(function, torch.Tensor, "type", _cuda_type_name))
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    megatron_random._get_cuda_rng_state = _no_cuda_rng_state
+    megatron_random._set_cuda_rng_state = _ignore_cuda_rng_state
     tracker = megatron_random._CUDA_RNG_STATE_TRACKER
     if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):
         # A tracker made before the shim holds CUDA states it cannot use: start a CPU one.

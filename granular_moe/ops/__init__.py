@@ -38,9 +38,10 @@ class Kernels(Protocol):
 
     def grouped_mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weight1: torch.Tensor,
                     weight2: torch.Tensor, activation: Callable, gated: bool,
-                    gather_index: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+                    gather_index: Optional[torch.Tensor] = None,
+                    probs: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
-    def combine(self, expert_output: torch.Tensor, weight: torch.Tensor, row_of_assignment: torch.Tensor,
+    def combine(self, expert_output: torch.Tensor, weight: Optional[torch.Tensor], row_of_assignment: torch.Tensor,
                 token_offsets: torch.Tensor) -> torch.Tensor: ...
 
 

@@ -7,17 +7,23 @@ from dataclasses import dataclass
 import torch
 
 
+def index_dtype(count: int) -> torch.dtype:
+    """The dtype of the plan's row and token indices: int32 below 2**31 (the backward keeps them: half the bytes of
+    int64, per routed assignment), int64 beyond."""
+    return torch.int32 if count < 2**31 else torch.int64
+
+
 @dataclass
 class DispatchPlan:
     """Expert-sorted layout of a :class:`~granular_moe.router.Routing`.
 
     Row ``i`` of the expert input is token ``source_token[i]``; rows of expert ``e`` are contiguous and in
     token order, ``tokens_per_expert[e]`` of them. Assignment ``a`` (token-major) reads its expert output
-    from row ``row_of_assignment[a]``.
+    from row ``row_of_assignment[a]``. Both indices are :func:`index_dtype` of the assignments (int32 in practice).
     """
 
-    source_token: torch.Tensor  # [A] int64
-    row_of_assignment: torch.Tensor  # [A] int64
+    source_token: torch.Tensor  # [A] int32
+    row_of_assignment: torch.Tensor  # [A] int32
     tokens_per_expert: torch.Tensor  # [E] int64
 
 

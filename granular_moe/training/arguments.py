@@ -14,8 +14,7 @@ from typing import Sequence
 
 import yaml
 
-from granular_moe.balance import BALANCE_TYPES
-from granular_moe.config import DROP_POLICIES, GranularMoEConfigError
+from granular_moe.config import BALANCE_TYPES, DROP_POLICIES, GranularMoEConfigError
 from granular_moe.scores import SCORE_FUNCTIONS
 from granular_moe.megatron.arguments import add_granular_moe_args
 from granular_moe.training.tokenizer import DEFAULT_VOCAB_SIZE
@@ -53,6 +52,12 @@ def _evaluate_list_expression(text: str) -> list:
     if not isinstance(result, list):
         raise argparse.ArgumentTypeError(f"--moe-layer-freq: {text!r} is not a list")
     return result
+
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+# megatron-core 0.19's selective recompute modules that apply to the main job's models (gdn_norm_out belongs to a
+# layer type it does not build)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--bf16", action="store_true", default=None,
                            help="bf16 weights, fp32 main weights in the optimizer (the default with a GPU)")
     precision.add_argument("--fp32", action="store_true", help="fp32 throughout (the default without a GPU)")
+
+    memory = parser.add_argument_group("activation recompute (megatron-core's)")
+    memory.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
+                        help="full: whole transformer layers (--recompute-method, --recompute-num-layers); "
+                             "selective: the --recompute-modules")
+    memory.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    memory.add_argument("--recompute-num-layers", type=int, default=None)
+    memory.add_argument("--recompute-modules", nargs="*", choices=RECOMPUTE_MODULES, default=None,
+                        help="with --recompute-granularity selective (default core_attn); moe: the whole MoE layer "
+                             "(keeps its input only), moe_act: the experts' activation (what the granular experts "
+                             "always do), shared_experts: the shared expert")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", type=Path, default=None,
@@ -291,7 +307,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value[0])
     check_schedule(args)
     check_moe_flags(args)
+    check_recompute_flags(args)
     return args
+
+
+def check_recompute_flags(args: argparse.Namespace) -> None:
+    """megatron-core's rules for activation recompute, checked by flag before any work."""
+    granularity, modules = args.recompute_granularity, args.recompute_modules
+    if granularity != "selective" and modules:
+        raise GranularMoEConfigError("--recompute-modules needs --recompute-granularity selective")
+    if granularity == "full":
+        if args.recompute_method is None or not args.recompute_num_layers or args.recompute_num_layers < 1:
+            raise GranularMoEConfigError(
+                "--recompute-granularity full needs --recompute-method (uniform, block) and --recompute-num-layers "
+                ">= 1 (layers per checkpointed group with uniform, per pipeline stage with block)")
+        if args.recompute_num_layers > args.num_layers:
+            raise GranularMoEConfigError(
+                f"--recompute-num-layers {args.recompute_num_layers} is above --num-layers {args.num_layers}")
+    elif args.recompute_method is not None or args.recompute_num_layers is not None:
+        raise GranularMoEConfigError("--recompute-method and --recompute-num-layers go with --recompute-granularity "
+                                     "full")
+    needs = {"moe": bool(args.num_experts), "moe_act": bool(args.num_experts),
+             "shared_experts": bool(args.num_experts and args.moe_shared_expert_intermediate_size),
+             "mla_up_proj": args.multi_latent_attention}
+    wanting = {"moe": "--num-experts", "moe_act": "--num-experts",
+               "shared_experts": "--moe-shared-expert-intermediate-size", "mla_up_proj": "--multi-latent-attention"}
+    for module in modules or ():
+        if not needs.get(module, True):
+            raise GranularMoEConfigError(f"--recompute-modules {module} needs {wanting[module]}")
 
 
 def check_moe_flags(args: argparse.Namespace) -> None:

@@ -1,35 +1,23 @@
-"""Do these parallel sizes fit this world? One answer for the launchers, the trainer, the Megatron-LM wrapper
-and :func:`granular_moe.parallel.initialize_model_parallel`.
+"""Does the trainer's layout fit this world? One answer for the launchers, the trainer and the Megatron-LM
+wrapper.
 
-:func:`parallel_size_problems` checks the sizes megatron-core's ``initialize_model_parallel`` needs (TP x PP
-dividing the world; expert-TP 1 x EP x PP dividing it, so EP divides a pipeline stage's ranks; experts
-divisible by EP); :func:`check_layout` adds what the trainer's flags need on top (layers, heads, sequence,
-batch, virtual pipeline stages) and raises one :class:`LaunchConfigError` listing every violation with its
-flag, environment variable and valid values.
+:func:`check_layout` takes the rules the process groups need (:func:`granular_moe.parallel_layout.
+parallel_size_problems`: TP x PP dividing the world, EP x PP dividing it, experts divisible by EP, expert groups
+spanning nodes evenly), adds what the trainer's flags need on top (layers, heads, sequence, batch, virtual
+pipeline stages) and raises one :class:`LaunchConfigError` listing every violation with its flag, environment
+variable and valid values.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
+from granular_moe.parallel_layout import EP_FLAG, PP_FLAG, TP_FLAG, VP_FLAG, divisors, parallel_size_problems
 from granular_moe.training.distributed import LaunchConfigError
 
-TP_FLAG = "--tensor-model-parallel-size"
-PP_FLAG = "--pipeline-model-parallel-size"
-EP_FLAG = "--expert-model-parallel-size"
-VP_FLAG = "--num-layers-per-virtual-pipeline-stage"
-RANKS_PER_NODE_FLAG = "--moe-ranks-per-node"
-RANKS_PER_NODE_SOURCES = f"{RANKS_PER_NODE_FLAG}, LOCAL_WORLD_SIZE or the launcher's --nproc-per-node"
 # Environment variables that feed the trainer's parallel-size flags.
 PARALLEL_ENV = {"TP": TP_FLAG, "PP": PP_FLAG, "EP": EP_FLAG}
-
-
-def divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)
@@ -72,70 +60,6 @@ class Layout:
             text += (f"; each EP group spans {self.expert_nodes} nodes of {self.expert // self.expert_nodes} ranks: "
                      f"two-level all-to-all")
         return text
-
-
-def expert_node_problem(expert_ranks: Sequence[int], ranks_per_node: int) -> Optional[str]:
-    """Why an expert-parallel group of these global ranks cannot be split into nodes of ``ranks_per_node``
-    processes (node of a rank: ``rank // ranks_per_node``) with the same number of its ranks on every node it
-    spans, in consecutive blocks (what the two-level all-to-all needs); None when it can."""
-    nodes = [rank // ranks_per_node for rank in expert_ranks]
-    counts = Counter(nodes)
-    if len(set(counts.values())) == 1 and nodes == sorted(nodes):
-        return None
-    return (f"the expert-parallel group of ranks {list(expert_ranks)} spans nodes of {ranks_per_node} processes "
-            f"unevenly ({', '.join(f'node {n}: {c}' for n, c in sorted(counts.items()))} of its ranks): "
-            f"{EP_FLAG} (EP) must divide the ranks per node ({RANKS_PER_NODE_SOURCES}) or be a multiple of them")
-
-
-def parallel_size_problems(world_size: int, tensor: int, pipeline: int, expert: int,
-                           num_experts: int | None = None, source: str | None = None,
-                           dense: bool = False, ranks_per_node: int | None = None) -> list[str]:
-    """What keeps megatron-core from laying ``world_size`` ranks out as TP x PP x DP with EP expert groups
-    (expert TP 1); empty when the sizes fit. ``num_experts``: the layer's (fine-grained) experts, checked
-    against EP when given; ``dense``: the model has no experts (then EP must be 1); ``ranks_per_node``:
-    processes per node, which must hold whole expert groups or whole parts of one (EP dividing it or a
-    multiple of it)."""
-    source = source or f"WORLD_SIZE {world_size}"
-    names = {TP_FLAG: ("TP", tensor), PP_FLAG: ("PP", pipeline), EP_FLAG: ("EP", expert)}
-    invalid = [f"{flag} ({env}) must be >= 1, got {value}" for flag, (env, value) in names.items() if value < 1]
-    if invalid:
-        return invalid
-    problems = []
-    if world_size % (tensor * pipeline):
-        problems.append(
-            f"{TP_FLAG} (TP) {tensor} x {PP_FLAG} (PP) {pipeline} = {tensor * pipeline} does not divide the "
-            f"{world_size} processes ({source}); valid TP x PP: {divisors(world_size)}"
-        )
-    if dense:
-        if expert != 1:
-            problems.append(f"{EP_FLAG} (EP) {expert} needs an MoE model: set --num-experts, or EP 1")
-        return problems
-    if world_size % (expert * pipeline):
-        stage = world_size // pipeline
-        valid = divisors(math.gcd(stage, num_experts or stage)) if world_size % pipeline == 0 else "none"
-        problems.append(
-            f"{EP_FLAG} (EP) {expert} x {PP_FLAG} (PP) {pipeline} = {expert * pipeline} does not divide the "
-            f"{world_size} processes ({source}): megatron-core builds expert groups of expert-TP 1 x EP x PP; "
-            f"valid EP with PP {pipeline} and {num_experts} experts: {valid}"
-        )
-    if num_experts is not None and num_experts % expert:
-        problems.append(
-            f"{num_experts} experts (--num-experts x --moe-granularity) are not divisible by {EP_FLAG} "
-            f"(EP) {expert}; valid EP: {divisors(num_experts)}"
-        )
-    if ranks_per_node is not None:
-        if ranks_per_node < 1 or world_size % ranks_per_node:
-            problems.append(f"{ranks_per_node} ranks per node ({RANKS_PER_NODE_SOURCES}) do not divide the "
-                            f"{world_size} processes ({source}); valid: {divisors(world_size)}")
-        elif not world_size % expert:
-            # megatron-core's expert groups (expert TP 1) are consecutive blocks of EP ranks
-            node_problem = expert_node_problem(range(expert), ranks_per_node)
-            node_problem = node_problem or next(filter(None, (
-                expert_node_problem(range(first, first + expert), ranks_per_node)
-                for first in range(expert, world_size, expert))), None)
-            if node_problem:
-                problems.append(node_problem)
-    return problems
 
 
 def check_layout(args: argparse.Namespace, world_size: int, world_source: str | None = None,

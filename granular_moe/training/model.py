@@ -56,6 +56,10 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         pipeline_dtype=dtype,
         params_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
     )
     if moe:
         fields.update(
@@ -79,6 +83,8 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             moe_shared_expert_gate=args.moe_shared_expert_gate,
             # top-1 softmax routing is pre-softmax (megatron-core refuses it otherwise: the gate would be 1)
             moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
+            # the granular experts are grouped GEMMs (megatron-core allows moe_act recompute only with them)
+            moe_grouped_gemm=True,
         )
     if getattr(args, "multi_latent_attention", False):
         # megatron-core's MLA with plain rope on each head's rope part (no yarn scaling: softmax scale

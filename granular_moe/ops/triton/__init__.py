@@ -3,6 +3,12 @@
 Every kernel has a plain PyTorch reference of the same signature in :mod:`granular_moe.ops.reference`.
 The kernels compile for the GPU, or run on the CPU under Triton's interpreter when ``TRITON_INTERPRET=1``
 is set before this package is first imported (how the tests run them).
+
+The five ops are torch operators (``torch.library.custom_op``, namespace ``granular_moe``: ``dispatch_plan``,
+``expert_parallel_plan``, ``permute``, ``grouped_mlp``, ``combine``, and the backward operators
+``scatter_add_rows``, ``grouped_mlp_backward``, ``combine_backward``), each with a fake implementation (shapes
+only; the expert-parallel plan's row count is data-dependent) and its autograd formula registered, so that
+``torch.compile`` traces the layer through them.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 class TritonKernels:
     """``dispatch_plan``, ``permute``, ``grouped_mlp`` and ``combine`` in Triton (and the reference's
-    ``expert_parallel_plan``).
+    ``expert_parallel_plan`` as an operator).
 
     ``grouped_mlp`` fuses the activations in :data:`FUSED_ACTIVATIONS` for fp16, bf16 and fp32. Given
     anything else it runs the torch reference when ``fallback_to_torch`` (``--moe-kernels auto``) and
@@ -32,8 +38,8 @@ class TritonKernels:
     """
 
     dispatch_plan = staticmethod(routing.dispatch_plan)
-    # Sorting a rank's assignments by destination is a few torch ops on the GPU; no kernel of its own.
-    expert_parallel_plan = staticmethod(reference.expert_parallel_plan)
+    # Sorting a rank's assignments by destination is a few torch ops on the GPU (the reference's, as an operator).
+    expert_parallel_plan = staticmethod(routing.expert_parallel_plan)
     permute = staticmethod(movement.permute)
     combine = staticmethod(movement.combine)
 
@@ -49,6 +55,7 @@ class TritonKernels:
         activation: Callable,
         gated: bool,
         gather_index: Optional[torch.Tensor] = None,
+        probs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """See :func:`granular_moe.ops.reference.grouped_mlp`."""
         name = activation_name(activation)
@@ -61,9 +68,10 @@ class TritonKernels:
                 "(one of float16, bfloat16, float32 for all three)"
             )
         if problem is None:
-            return grouped_gemm.grouped_mlp(x, tokens_per_expert, weight1, weight2, name, gated, gather_index)
+            return grouped_gemm.grouped_mlp(x, tokens_per_expert, weight1, weight2, name, gated, gather_index, probs)
         if self.fallback_to_torch:
-            return reference.grouped_mlp(x, tokens_per_expert, weight1, weight2, activation, gated, gather_index)
+            return reference.grouped_mlp(x, tokens_per_expert, weight1, weight2, activation, gated, gather_index,
+                                         probs)
         raise GranularMoEConfigError(f"--moe-kernels triton: {problem}; use --moe-kernels auto or torch")
 
 

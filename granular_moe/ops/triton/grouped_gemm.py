@@ -1,4 +1,4 @@
-"""Grouped expert MLP in Triton: ``act(x[gather]_e @ weight1[e]) @ weight2[e]`` for many small experts.
+"""Grouped expert MLP in Triton: ``(probs * act(x[gather]_e @ weight1[e])) @ weight2[e]`` for many small experts.
 
 Two kernels cover the forward and the whole backward:
 
@@ -8,13 +8,16 @@ Two kernels cover the forward and the whole backward:
   on the device (``searchsorted`` over the cumulative tile counts) and the grid is sized by an upper bound,
   so the routing counts never travel to the host. The
   row gather is fused into the A-operand loads (``x[gather_index[row]]``), and the epilogue does the
-  activation: forward ``h -> act(h)`` (gated: ``act(h[:, :f]) * h[:, f:]``, two accumulators), backward
-  ``d act -> dh`` from the saved ``h``.
+  activation: forward ``h -> probs * act(h)`` (gated: ``act(h[:, :f]) * h[:, f:]``, two accumulators),
+  backward ``d(probs * act) -> dh`` from the saved ``h``, with each row's gate gradient
+  ``<d(probs * act), act>`` summed over the tile's columns (one partial sum per column tile, added up by torch:
+  deterministic, no atomics).
 * ``_grouped_weight_grad_kernel``: ``dW[e] = A_e^T @ B_e``, one program per (expert, output tile),
   reducing over the expert's rows; the gather is fused here too. An expert with no rows gets exact zeros.
 
-Forward saves only the pre-activation ``h`` (not ``act(h)``); the backward recomputes ``act(h)`` in the
-same epilogue that turns ``d act`` into ``dh``. The input gradient of gathered rows is summed back per
+Forward saves only ``x`` (not gathered), the pre-activation ``h`` and the gates (not ``act(h)``, nor any
+row of the model's width); the backward recomputes ``act(h)`` in the same epilogue that turns
+``d(probs * act)`` into ``dh``. The input gradient of gathered rows is summed back per
 source row by a segment sum over the inverse gather (sorted once with torch), deterministic, no atomics.
 All accumulation is fp32; fp32 operands multiply in IEEE fp32 unless torch allows TF32
 (``torch.backends.cuda.matmul.allow_tf32``).
@@ -31,6 +34,7 @@ import triton.language as tl
 from granular_moe.ops.triton import tiles
 from granular_moe.ops.triton.activations import activation_derivative, apply_activation
 from granular_moe.ops.triton.movement import scatter_add_rows
+from granular_moe.ops.triton.primitives import add
 
 # Epilogues of the rows kernel
 STORE = tl.constexpr(0)  # out = acc
@@ -40,15 +44,17 @@ ACTIVATION_GRAD = tl.constexpr(2)  # acc is d act; out = dh from the saved h (an
 
 @triton.jit
 def _grouped_rows_kernel(
-    a_ptr, gather_ptr, b_ptr, out_ptr, h_ptr, act_ptr, expert_offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
-    num_experts, N, K, gate_offset,
+    a_ptr, gather_ptr, b_ptr, out_ptr, h_ptr, act_ptr, probs_ptr, grad_probs_ptr,
+    expert_offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
+    num_experts, num_rows, N, K, gate_offset,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_out, stride_h, stride_act,
     EPILOGUE: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, GATHER: tl.constexpr,
-    WRITE_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_ACT: tl.constexpr, HAS_PROBS: tl.constexpr, WRITE_GRAD_PROBS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_col_tiles = (N + BLOCK_N - 1) // BLOCK_N
+    col_tile = pid % num_col_tiles
     tile = pid // num_col_tiles
     expert = tl.load(tile_expert_ptr + tile)
     if expert >= num_experts:  # past the last tile (the grid is sized without reading the counts)
@@ -60,10 +66,10 @@ def _grouped_rows_kernel(
     )
     row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
     if GATHER:
-        source = tl.load(gather_ptr + rows, mask=row_mask, other=0)
+        source = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # int32 indices: 64-bit offsets
     else:
         source = rows
-    cols = (pid % num_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     depth = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + source[:, None] * stride_am + depth[None, :] * stride_ak
@@ -86,6 +92,8 @@ def _grouped_rows_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
     act_ptrs = act_ptr + rows[:, None] * stride_act + cols[None, :]
+    if HAS_PROBS:
+        prob = tl.load(probs_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     if EPILOGUE == STORE:
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == ACTIVATE:
@@ -97,23 +105,33 @@ def _grouped_rows_kernel(
             gate = acc_gate.to(h_ptr.dtype.element_ty)
             tl.store(h_ptrs + gate_offset, gate, mask=mask)
             act = act * gate.to(tl.float32)
+        if HAS_PROBS:
+            act = act * prob
         tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
     else:
         tl.static_assert(EPILOGUE == ACTIVATION_GRAD, "unknown epilogue")
+        # acc is d(probs * act); with gates, each row's gate gradient is <acc, act> and d act = probs * acc. The
+        # stores come as early as they can, so that few tile-sized values are live at once (registers).
         out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
         h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        activated = apply_activation(h, ACTIVATION)
         if GATED:
             gate = tl.load(h_ptrs + gate_offset, mask=mask, other=0.0).to(tl.float32)
-            activated = apply_activation(h, ACTIVATION)
-            grad_h = acc * gate * activation_derivative(h, ACTIVATION)
-            tl.store(out_ptrs, grad_h.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GRAD_PROBS:
+            full = activated * gate if GATED else activated
+            tl.store(grad_probs_ptr + col_tile * num_rows + rows, tl.reduce(tl.where(mask, acc * full, 0.0), 1, add),
+                     mask=row_mask)
+        if HAS_PROBS:
+            acc = acc * prob
+        if WRITE_ACT:
+            full = activated * gate if GATED else activated
+            if HAS_PROBS:
+                full = full * prob
+            tl.store(act_ptrs, full.to(act_ptr.dtype.element_ty), mask=mask)
+        if GATED:
             tl.store(out_ptrs + gate_offset, (acc * activated).to(out_ptr.dtype.element_ty), mask=mask)
-            if WRITE_ACT:
-                tl.store(act_ptrs, (activated * gate).to(act_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out_ptrs, (acc * activation_derivative(h, ACTIVATION)).to(out_ptr.dtype.element_ty), mask=mask)
-            if WRITE_ACT:
-                tl.store(act_ptrs, apply_activation(h, ACTIVATION).to(act_ptr.dtype.element_ty), mask=mask)
+            acc = acc * gate
+        tl.store(out_ptrs, (acc * activation_derivative(h, ACTIVATION)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -138,7 +156,7 @@ def _grouped_weight_grad_kernel(
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < end
         if GATHER:
-            source = tl.load(gather_ptr + rows, mask=row_mask, other=0)
+            source = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         else:
             source = rows
         a = tl.load(
@@ -195,12 +213,13 @@ def _rows_gemm(
     layout: ExpertRows, a: torch.Tensor, b: torch.Tensor, n: int, *, epilogue: int,
     gather_index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
     h: Optional[torch.Tensor] = None, act: Optional[torch.Tensor] = None,
+    probs: Optional[torch.Tensor] = None, grad_probs: Optional[torch.Tensor] = None,
     activation: str = "gelu", gated: bool = False, gate_offset: int = 0,
 ) -> None:
-    """Launch the rows kernel: ``rows_e @ b[e]`` with ``b [E, K, n]`` (any strides)."""
+    """Launch the rows kernel: ``rows_e @ b[e]`` with ``b [E, K, n]`` (any strides). ``grad_probs`` (ACTIVATION_GRAD
+    only) receives ``[column tiles, rows]`` partial gate gradients: allocate it with :func:`gate_grad_partials`."""
     k = b.shape[1]
-    wide_epilogue = epilogue == ACTIVATION_GRAD or (gated and epilogue == ACTIVATE)
-    t = tiles.row_gemm_tiles(layout.rows_per_expert, n, k, a.dtype, wide_epilogue)
+    t = _row_tiles(layout, a, n, k, epilogue, gated, gate_gradient=grad_probs is not None)
     grid = (layout.max_tiles(t.block_m) * triton.cdiv(n, t.block_n),)
     if layout.num_rows == 0 or grid[0] == 0:
         return
@@ -208,13 +227,28 @@ def _rows_gemm(
     _grouped_rows_kernel[grid](
         a, placeholder if gather_index is None else gather_index, b,
         placeholder if out is None else out, placeholder if h is None else h, placeholder if act is None else act,
-        layout.offsets, *layout.tiles(t.block_m), layout.num_experts, n, k, gate_offset,
+        placeholder if probs is None else probs, placeholder if grad_probs is None else grad_probs,
+        layout.offsets, *layout.tiles(t.block_m), layout.num_experts, layout.num_rows, n, k, gate_offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         0 if out is None else out.stride(0), 0 if h is None else h.stride(0), 0 if act is None else act.stride(0),
         EPILOGUE=epilogue, GATED=gated, ACTIVATION=activation, GATHER=gather_index is not None,
-        WRITE_ACT=act is not None, INPUT_PRECISION=_input_precision(a.dtype),
+        WRITE_ACT=act is not None, HAS_PROBS=probs is not None, WRITE_GRAD_PROBS=grad_probs is not None,
+        INPUT_PRECISION=_input_precision(a.dtype),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
     )
+
+
+def _row_tiles(layout: ExpertRows, a: torch.Tensor, n: int, k: int, epilogue: int, gated: bool = False,
+               gate_gradient: bool = False) -> tiles.GemmTiles:
+    wide_epilogue = epilogue == ACTIVATION_GRAD or (gated and epilogue == ACTIVATE)
+    return tiles.row_gemm_tiles(layout.rows_per_expert, n, k, a.dtype, wide_epilogue, gate_gradient)
+
+
+def gate_grad_partials(layout: ExpertRows, grad_out: torch.Tensor, expert_hidden: int) -> torch.Tensor:
+    """The ``[column tiles, rows]`` fp32 buffer of the activation backward's per-tile gate gradients."""
+    t = _row_tiles(layout, grad_out, expert_hidden, grad_out.shape[1], ACTIVATION_GRAD, gate_gradient=True)
+    return torch.zeros(triton.cdiv(expert_hidden, t.block_n), layout.num_rows, dtype=torch.float32,
+                       device=grad_out.device)
 
 
 def _weight_grad(
@@ -237,55 +271,109 @@ def _weight_grad(
     return out
 
 
-class GroupedMLP(torch.autograd.Function):
-    """``act(x[gather_index]_e @ weight1[e]) @ weight2[e]`` per expert, with gradients for ``x`` and both
-    weights. ``activation`` is a fused name (:data:`~granular_moe.ops.triton.activations.FUSED_ACTIVATIONS`)."""
+# The grouped MLP as torch operators (``torch.ops.granular_moe.grouped_mlp`` and its backward): opaque to
+# torch.compile, which traces through them with the fake implementations below (shapes only). The forward also
+# returns h, the first GEMM's output, so that autograd can keep it; the public function returns the rows alone.
 
-    @staticmethod
-    def forward(ctx, x, weight1, weight2, tokens_per_expert, gather_index, activation, gated):
-        x = x.contiguous()
-        if gather_index is not None:
-            gather_index = gather_index.contiguous()  # the kernels read it with stride 1
-        num_rows = x.shape[0] if gather_index is None else gather_index.numel()
-        layout = ExpertRows(tokens_per_expert, num_rows)
-        expert_hidden = weight2.shape[1]
-        h = torch.empty(num_rows, weight1.shape[2], dtype=x.dtype, device=x.device)
-        act = torch.empty(num_rows, expert_hidden, dtype=x.dtype, device=x.device)
-        _rows_gemm(
-            layout, x, weight1, expert_hidden, epilogue=ACTIVATE, gather_index=gather_index, h=h, act=act,
-            activation=activation, gated=gated, gate_offset=expert_hidden if gated else 0,
-        )
-        out = torch.empty(num_rows, weight2.shape[2], dtype=x.dtype, device=x.device)
-        _rows_gemm(layout, act, weight2, weight2.shape[2], epilogue=STORE, out=out)
-        ctx.save_for_backward(x, weight1, weight2, gather_index, h)
-        ctx.layout, ctx.activation, ctx.gated = layout, activation, gated
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight1, weight2, gather_index, h = ctx.saved_tensors
-        layout = ctx.layout
-        needs_x, needs_w1, needs_w2 = ctx.needs_input_grad[:3]
-        grad_out = grad_out.contiguous()
-        expert_hidden = weight2.shape[1]
-        gate_offset = expert_hidden if ctx.gated else 0
-        # d act = grad_out @ weight2[e]^T; the epilogue turns it into dh and recomputes act(h) for dW2.
-        grad_h = torch.empty_like(h)
-        act = torch.empty(h.shape[0], expert_hidden, dtype=h.dtype, device=h.device) if needs_w2 else None
-        _rows_gemm(
-            layout, grad_out, weight2.transpose(1, 2), expert_hidden, epilogue=ACTIVATION_GRAD,
-            out=grad_h, h=h, act=act, activation=ctx.activation, gated=ctx.gated, gate_offset=gate_offset,
-        )
-        grad_w2 = _weight_grad(layout, act, grad_out, weight2.dtype) if needs_w2 else None
-        del act
-        grad_w1 = _weight_grad(layout, x, grad_h, weight1.dtype, gather_index) if needs_w1 else None
-        grad_x = None
-        if needs_x:
-            grad_rows = torch.empty(layout.num_rows, x.shape[1], dtype=x.dtype, device=x.device)
-            _rows_gemm(layout, grad_h, weight1.transpose(1, 2), x.shape[1], epilogue=STORE, out=grad_rows)
-            del grad_h
-            grad_x = grad_rows if gather_index is None else scatter_add_rows(grad_rows, gather_index, x.shape[0])
-        return grad_x, grad_w1, grad_w2, None, None, None, None
+@torch.library.custom_op("granular_moe::grouped_mlp", mutates_args=())
+def grouped_mlp_op(
+    x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, probs: Optional[torch.Tensor],
+    tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor], activation: str, gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, h)``: ``rows = (probs * act(h)) @ weight2[e]`` with ``h = x[gather_index]_e @ weight1[e]``."""
+    x = x.contiguous()
+    if gather_index is not None:
+        gather_index = gather_index.contiguous()  # the kernels read it with stride 1
+    if probs is not None:
+        probs = probs.contiguous()
+    num_rows = x.shape[0] if gather_index is None else gather_index.numel()
+    layout = ExpertRows(tokens_per_expert, num_rows)
+    expert_hidden = weight2.shape[1]
+    h = torch.empty(num_rows, weight1.shape[2], dtype=x.dtype, device=x.device)
+    act = torch.empty(num_rows, expert_hidden, dtype=x.dtype, device=x.device)
+    _rows_gemm(
+        layout, x, weight1, expert_hidden, epilogue=ACTIVATE, gather_index=gather_index, h=h, act=act,
+        probs=probs, activation=activation, gated=gated, gate_offset=expert_hidden if gated else 0,
+    )
+    out = torch.empty(num_rows, weight2.shape[2], dtype=x.dtype, device=x.device)
+    _rows_gemm(layout, act, weight2, weight2.shape[2], epilogue=STORE, out=out)
+    return out, h
+
+
+@grouped_mlp_op.register_fake
+def _(x, weight1, weight2, probs, tokens_per_expert, gather_index, activation, gated):
+    num_rows = x.shape[0] if gather_index is None else gather_index.numel()
+    return x.new_empty(num_rows, weight2.shape[2]), x.new_empty(num_rows, weight1.shape[2])
+
+
+@torch.library.custom_op("granular_moe::grouped_mlp_backward", mutates_args=())
+def grouped_mlp_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+    probs: Optional[torch.Tensor],
+    tokens_per_expert: torch.Tensor, gather_index: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+    gated: bool, needs_x: bool, needs_weight1: bool, needs_weight2: bool, needs_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, weight1, weight2 and probs (an empty tensor for each one not needed)."""
+    x = x.contiguous()
+    if gather_index is not None:
+        gather_index = gather_index.contiguous()
+    if probs is not None:
+        probs = probs.contiguous()
+    layout = ExpertRows(tokens_per_expert, h.shape[0])
+    grad_out = grad_out.contiguous()
+    expert_hidden = weight2.shape[1]
+    gate_offset = expert_hidden if gated else 0
+    # d(probs * act) = grad_out @ weight2[e]^T; the epilogue takes the gates' gradient from it, turns it into dh and
+    # recomputes probs * act(h) for dW2.
+    grad_h = torch.empty_like(h)
+    act = torch.empty(h.shape[0], expert_hidden, dtype=h.dtype, device=h.device) if needs_weight2 else None
+    partials = gate_grad_partials(layout, grad_out, expert_hidden) if probs is not None and needs_probs else None
+    _rows_gemm(
+        layout, grad_out, weight2.transpose(1, 2), expert_hidden, epilogue=ACTIVATION_GRAD,
+        out=grad_h, h=h, act=act, probs=probs, grad_probs=partials,
+        activation=activation, gated=gated, gate_offset=gate_offset,
+    )
+    grad_probs = x.new_empty(0) if partials is None else partials.sum(0).to(probs.dtype)
+    grad_w2 = _weight_grad(layout, act, grad_out, weight2.dtype) if needs_weight2 else x.new_empty(0)
+    del act
+    grad_w1 = _weight_grad(layout, x, grad_h, weight1.dtype, gather_index) if needs_weight1 else x.new_empty(0)
+    grad_x = x.new_empty(0)  # (each unneeded gradient its own empty tensor: outputs may not alias)
+    if needs_x:
+        grad_rows = torch.empty(layout.num_rows, x.shape[1], dtype=x.dtype, device=x.device)
+        _rows_gemm(layout, grad_h, weight1.transpose(1, 2), x.shape[1], epilogue=STORE, out=grad_rows)
+        del grad_h
+        grad_x = grad_rows if gather_index is None else scatter_add_rows(grad_rows, gather_index, x.shape[0])
+    return grad_x, grad_w1, grad_w2, grad_probs
+
+
+@grouped_mlp_backward_op.register_fake
+def _(grad_out, x, weight1, weight2, probs, tokens_per_expert, gather_index, h, activation, gated, needs_x,
+      needs_weight1, needs_weight2, needs_probs):
+    def like(tensor, needed):
+        return torch.empty_like(tensor) if needed and tensor is not None else x.new_empty(0)
+
+    return like(x, needs_x), like(weight1, needs_weight1), like(weight2, needs_weight2), like(probs, needs_probs)
+
+
+def _setup_grouped_mlp(ctx, inputs, output):
+    x, weight1, weight2, probs, tokens_per_expert, gather_index, activation, gated = inputs
+    # Kept: x (not gathered), the weights, the gates, the routing counts and index, and h; not act(h), not the rows.
+    ctx.save_for_backward(x, weight1, weight2, probs, tokens_per_expert, gather_index, output[1])
+    ctx.activation, ctx.gated = activation, gated
+
+
+def _grouped_mlp_backward(ctx, grad_out, grad_h):
+    x, weight1, weight2, probs, tokens_per_expert, gather_index, h = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    grads = torch.ops.granular_moe.grouped_mlp_backward(
+        grad_out, x, weight1, weight2, probs, tokens_per_expert, gather_index, h, ctx.activation, ctx.gated,
+        *(bool(n) for n in needs),
+    )
+    return (*(grad if need else None for grad, need in zip(grads, needs)), None, None, None, None)
+
+
+grouped_mlp_op.register_autograd(_grouped_mlp_backward, setup_context=_setup_grouped_mlp)
 
 
 def grouped_mlp(
@@ -296,7 +384,10 @@ def grouped_mlp(
     activation: str,
     gated: bool,
     gather_index: Optional[torch.Tensor] = None,
+    probs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The expert MLPs (contract of :func:`granular_moe.ops.reference.grouped_mlp`, with ``activation`` a
     fused name). ``tokens_per_expert`` must sum to the row count; it stays on the device (no host sync)."""
-    return GroupedMLP.apply(x, weight1, weight2, tokens_per_expert, gather_index, activation, gated)
+    out, _ = torch.ops.granular_moe.grouped_mlp(x, weight1, weight2, probs, tokens_per_expert, gather_index,
+                                                activation, gated)
+    return out

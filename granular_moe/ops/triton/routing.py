@@ -13,11 +13,15 @@ Two passes over blocks of ``BLOCK`` token-major assignments, no atomics:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from granular_moe.ops.plan import DispatchPlan
+from granular_moe.ops import reference
+from granular_moe.ops.plan import DispatchPlan, ExpertParallelPlan, index_dtype
 from granular_moe.ops.triton import tiles
 from granular_moe.ops.triton.primitives import add
 
@@ -71,22 +75,22 @@ def _scatter_kernel(
         below = tl.load(token_offsets_ptr + middle, mask=valid, other=0) <= assignment
         low = tl.where(below, middle, low)
         high = tl.where(below, high, middle)
-    tl.store(row_of_assignment_ptr + assignment, row, mask=valid)
-    tl.store(source_token_ptr + row, low, mask=valid)
+    tl.store(row_of_assignment_ptr + assignment, row.to(row_of_assignment_ptr.dtype.element_ty), mask=valid)
+    tl.store(source_token_ptr + row, low.to(source_token_ptr.dtype.element_ty), mask=valid)
 
 
-def dispatch_plan(expert_index: torch.Tensor, token_offsets: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Routing metadata: per-expert counts and a stable sort of the assignments by expert.
-
-    Same contract as :func:`granular_moe.ops.reference.dispatch_plan`; ``expert_index`` must lie in
-    ``[0, num_experts)`` (out-of-range entries are left out of the counts and their rows are not written).
-    """
+@torch.library.custom_op("granular_moe::dispatch_plan", mutates_args=())
+def dispatch_plan_op(
+    expert_index: torch.Tensor, token_offsets: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(source_token, row_of_assignment, tokens_per_expert)`` of a :class:`DispatchPlan`."""
     device = expert_index.device
     num_assignments = expert_index.numel()
     num_tokens = token_offsets.numel() - 1
+    dtype = index_dtype(max(num_assignments, num_tokens + 1))
     if num_assignments == 0:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return DispatchPlan(empty, empty.clone(), torch.zeros(num_experts, dtype=torch.int64, device=device))
+        empty = torch.empty(0, dtype=dtype, device=device)
+        return empty, empty.clone(), torch.zeros(num_experts, dtype=torch.int64, device=device)
     expert_index = expert_index.contiguous()
     token_offsets = token_offsets.contiguous()
     block, chunk = tiles.routing_tiles(num_assignments)
@@ -103,11 +107,54 @@ def dispatch_plan(expert_index: torch.Tensor, token_offsets: torch.Tensor, num_e
     earlier_experts = counts.cumsum(1) - counts  # position in block b's sorted keys where expert e starts
     row_shift = (expert_start + earlier_blocks - earlier_experts).contiguous()
 
-    source_token = torch.empty(num_assignments, dtype=torch.int64, device=device)
-    row_of_assignment = torch.empty(num_assignments, dtype=torch.int64, device=device)
+    source_token = torch.empty(num_assignments, dtype=dtype, device=device)
+    row_of_assignment = torch.empty(num_assignments, dtype=dtype, device=device)
     search_steps = max(1, num_tokens).bit_length()
     _scatter_kernel[(num_blocks,)](
         expert_index, token_offsets, row_shift, source_token, row_of_assignment,
         num_assignments, num_tokens, num_experts, search_steps, BLOCK=block, CHUNK=chunk, BINS=bins,
     )
-    return DispatchPlan(source_token, row_of_assignment, tokens_per_expert)
+    return source_token, row_of_assignment, tokens_per_expert
+
+
+@dispatch_plan_op.register_fake
+def _(expert_index, token_offsets, num_experts):
+    num_assignments = expert_index.numel()
+    index = expert_index.new_empty(num_assignments, dtype=index_dtype(max(num_assignments, token_offsets.shape[0])))
+    return index, torch.empty_like(index), expert_index.new_empty(num_experts, dtype=torch.int64)
+
+
+def dispatch_plan(expert_index: torch.Tensor, token_offsets: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Routing metadata: per-expert counts and a stable sort of the assignments by expert.
+
+    Same contract as :func:`granular_moe.ops.reference.dispatch_plan`; ``expert_index`` must lie in
+    ``[0, num_experts)`` (out-of-range entries are left out of the counts and their rows are not written).
+    """
+    return DispatchPlan(*torch.ops.granular_moe.dispatch_plan(expert_index, token_offsets, num_experts))
+
+
+# The expert-parallel plan is a few torch ops (a sort of a rank's assignments by destination), registered as an
+# operator beside the kernels so that a compiled graph treats it as one: its output sizes depend on the routing.
+@torch.library.custom_op("granular_moe::expert_parallel_plan", mutates_args=())
+def expert_parallel_plan_op(
+    expert_index: torch.Tensor, token_offsets: torch.Tensor, num_local_experts: int, ep_size: int
+) -> list[torch.Tensor]:
+    """The fields of an :class:`ExpertParallelPlan`, in order."""
+    plan = reference.expert_parallel_plan(expert_index, token_offsets, num_local_experts, ep_size)
+    return [getattr(plan, field.name) for field in dataclasses.fields(ExpertParallelPlan)]
+
+
+@expert_parallel_plan_op.register_fake
+def _(expert_index, token_offsets, num_local_experts, ep_size):
+    pairs = torch.library.get_ctx().new_dynamic_size()  # one row per (token, destination rank)
+    index = functools.partial(expert_index.new_empty, dtype=torch.int64)
+    return [index(pairs), index(pairs), index(expert_index.numel()), index(ep_size), index(ep_size),
+            index(token_offsets.shape[0]), index(pairs)]
+
+
+def expert_parallel_plan(
+    expert_index: torch.Tensor, token_offsets: torch.Tensor, num_local_experts: int, ep_size: int
+) -> ExpertParallelPlan:
+    """See :func:`granular_moe.ops.reference.expert_parallel_plan`."""
+    return ExpertParallelPlan(
+        *torch.ops.granular_moe.expert_parallel_plan(expert_index, token_offsets, num_local_experts, ep_size))

@@ -46,7 +46,8 @@ def _max_depth(dtype: torch.dtype) -> int:
 
 
 def row_gemm_tiles(
-    rows_per_expert: float, n: int, k: int, dtype: torch.dtype, wide_epilogue: bool = False
+    rows_per_expert: float, n: int, k: int, dtype: torch.dtype, wide_epilogue: bool = False,
+    gate_gradient: bool = False,
 ) -> GemmTiles:
     """Tiles of ``rows @ weight[e]`` (``[rows_e, k] @ [k, n]``) over expert-sorted rows.
 
@@ -54,10 +55,12 @@ def row_gemm_tiles(
     tile. A wide epilogue holds several fp32 tiles at once (a gated forward's two accumulators; the
     activation backward's gradient, saved pre-activations and their derivative), and 32-bit operands take
     twice the registers, so both get tiles half as wide, spread over 8 warps: at 128 x 128 on 8 warps they
-    spill registers on sm_90 (``benchmarks/kernel_resources.py``).
+    spill registers on sm_90 (``benchmarks/kernel_resources.py``). The activation backward that also sums each
+    row's gate gradient across the tile (``gate_gradient``) holds more still: at most 64 rows (128 x 64 on 8
+    warps spills there).
     """
     half_width = wide_epilogue or dtype.itemsize > 2
-    block_m = _pow2_between(rows_per_expert, 16, 128)
+    block_m = _pow2_between(rows_per_expert, 16, 64 if gate_gradient else 128)
     block_n = _pow2_between(n, 16, 64 if half_width else 128)
     block_k = _pow2_between(k, 16, _max_depth(dtype))
     num_warps = 8 if block_m * block_n >= (64 * 64 if half_width else 128 * 128) else 4
