@@ -134,7 +134,7 @@ def expert_groups_from_megatron(ranks_per_node: Optional[int] = None) -> ExpertP
             f"--expert-tensor-parallel-size {expert_tensor} is not supported; valid values: 1"
         )
     expert = parallel_state.get_expert_model_parallel_world_size()
-    _deepspeed_comm_over_torch_distributed()
+    deepspeed_comm_over_torch_distributed()
     ds_groups.mpu = parallel_state
     name = f"ep_size_{expert}"
     if name not in ds_groups._get_expert_parallel_group_dict():
@@ -148,12 +148,12 @@ def expert_groups_from_megatron(ranks_per_node: Optional[int] = None) -> ExpertP
         ranks_per_node=ranks_per_node,
     )
     every_group = _check_against_megatron(groups, parallel_state)
-    groups = dataclasses.replace(groups, nodes=_node_groups(groups.expert_parallel_ranks, every_group, ranks_per_node))
+    groups = dataclasses.replace(groups, nodes=node_groups(groups.expert_parallel_ranks, every_group, ranks_per_node))
     _GROUPS = groups
     return groups
 
 
-def _node_groups(expert_ranks: tuple, every_expert_group: list, ranks_per_node: int) -> Optional[NodeGroups]:
+def node_groups(expert_ranks: tuple, every_expert_group: list, ranks_per_node: int) -> Optional[NodeGroups]:
     """The intra- and inter-node groups of every expert-parallel group that spans nodes, created in the same
     order on every rank (``dist.new_group`` is collective); this rank's, or None when its group lies in one
     node."""
@@ -177,7 +177,7 @@ def _node_groups(expert_ranks: tuple, every_expert_group: list, ranks_per_node: 
     return mine
 
 
-def _deepspeed_comm_over_torch_distributed() -> None:
+def deepspeed_comm_over_torch_distributed() -> None:
     """Point DeepSpeed's communication layer at the process group torch.distributed already has, without the
     CPU shared-memory collective op ``deepspeed.init_distributed`` builds on a machine without a GPU: only
     DeepSpeed's group helpers are used here, and that op's compile (first use on a machine) leaves a lock

@@ -152,6 +152,10 @@ class _Router(torch.nn.Module):
         # megatron-core's tracker; the stats carry them differentiable and without coefficients, for a caller
         # that adds them to its loss itself (as DeepSpeed's MoE returns its l_aux).
         self.attach_losses = True
+        # DeepSpeed's MoE capacity rules, for callers that follow them (megatron-core has neither): a capacity
+        # factor for eval mode (None: --moe-expert-capacity-factor's) and a floor under every expert's capacity.
+        self.eval_capacity_factor: Optional[float] = None
+        self.min_capacity = 0
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -175,6 +179,18 @@ class _Router(torch.nn.Module):
 
     def _attaching(self) -> bool:
         return self.training and torch.is_grad_enabled()
+
+    def capacity(self, num_tokens: int, topk: int, default_factor: Optional[float] = None) -> Optional[int]:
+        """Slots per expert for ``num_tokens`` tokens: ``max(ceil(T k cf / E), min_capacity)`` with ``cf``
+        ``--moe-expert-capacity-factor`` (``eval_capacity_factor`` in eval mode when set, ``default_factor`` when
+        unset); None: dropless."""
+        factor = self.config.moe_expert_capacity_factor
+        if factor is not None and not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        factor = factor if factor is not None else default_factor
+        if factor is None:
+            return None
+        return max(expert_capacity(num_tokens, topk, self.num_experts, factor), self.min_capacity)
 
     def _reported(self, loss: torch.Tensor) -> torch.Tensor:
         """A loss as the stats carry it: detached, or differentiable for a caller that adds it itself."""
@@ -259,13 +275,12 @@ class TokenChoiceRouter(_Router):
 
         flat_experts = top_experts.reshape(-1)
         flat_gate = gate.reshape(-1)
-        capacity_factor = self.config.moe_expert_capacity_factor
+        capacity = self.capacity(num_tokens, k)
         keep = None
-        if capacity_factor is None:
+        if capacity is None:
             kept_per_token = torch.full((num_tokens,), k, dtype=torch.long, device=x.device)
             expert_index, weight = flat_experts, flat_gate
         else:
-            capacity = expert_capacity(num_tokens, k, num_experts, capacity_factor)
             keep = self._capacity_mask(flat_experts, flat_gate.detach(), capacity)
             kept_per_token = keep.view(num_tokens, k).sum(dim=-1)
             expert_index, weight = flat_experts[keep], flat_gate[keep]
@@ -361,8 +376,7 @@ class ExpertChoiceRouter(_Router):
         logits = self.gate_logits(x)
         z_value, logits = self._z_loss(logits, valid)
         probs = torch.softmax(logits, dim=-1)
-        capacity_factor = self.config.moe_expert_capacity_factor or 1.0
-        capacity = min(num_tokens, expert_capacity(num_tokens, self.topk, num_experts, capacity_factor))
+        capacity = min(num_tokens, self.capacity(num_tokens, self.topk, default_factor=1.0))
         chosen_probs, chosen_tokens = probs.t().topk(capacity, dim=-1)  # [E, C]
         if self.config.moe_router_topk_scaling_factor:
             chosen_probs = chosen_probs * self.config.moe_router_topk_scaling_factor
