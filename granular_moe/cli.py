@@ -11,13 +11,15 @@ COMMANDS = {
     "plan": ("granular_moe.scaling.cli", "compute- or wall-clock-optimal (N, D, G) and its Megatron flags"),
     "preprocess": ("granular_moe.training.data", "train a sentencepiece tokenizer and write an indexed dataset"),
     "pretrain": ("granular_moe.training.pretrain", "pretrain a GPT with granular MoE (the main job)"),
+    "verify-checkpoint": ("granular_moe.training.verify_checkpoint",
+                          "check a checkpoint's files against their SHA-256 digests and its pickles' types"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        listing = "\n".join(f"  {name:<11} {summary}" for name, (_, summary) in COMMANDS.items())
+        listing = "\n".join(f"  {name:<17} {summary}" for name, (_, summary) in COMMANDS.items())
         print(f"usage: granular-moe COMMAND [ARGS]\n\ncommands:\n{listing}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])

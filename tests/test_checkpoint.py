@@ -159,7 +159,9 @@ def test_a_save_replaces_a_checkpoint_of_the_same_iteration(gloo_world, tmp_path
     (lambda d: (d / "metadata.json").write_text('{"sharded_ba'), r"iter_0000002/metadata.json is damaged"),
     (lambda d: (d / ".metadata").unlink(), r"iter_0000002: .metadata is missing"),
     (lambda d: [shard.write_bytes(shard.read_bytes()[:100]) for shard in d.glob("*.distcp")],
-     r"iter_0000002.* (cannot be read|could not be read).*damaged"),
+     r"iter_0000002/__0_0\.distcp: its entry '.*' is damaged"),  # named by file, even unverified
+    (lambda d: (d / ".metadata").write_bytes((d / ".metadata").read_bytes()[:50]),
+     r"iter_0000002/\.metadata is damaged \(not a torch.distributed.checkpoint index"),
 ])
 def test_a_damaged_checkpoint_is_named_with_what_is_wrong(gloo_world, tmp_path, damage, message):
     args, built = trained()

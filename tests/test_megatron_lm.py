@@ -451,7 +451,8 @@ INTERCHANGE_SCRIPT = textwrap.dedent('''
              "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
              "--no-bias-dropout-fusion", "--use-cpu-initialization", "--mock-data", "--train-iters", "1",
              "--ckpt-format", "torch_dist", "--load", load, "--save", save, "--save-interval", "1",
-             "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--finetune"]
+             "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--finetune",
+             "--verify-integrity"]  # checks the main job's integrity.json, and records one for the main job
     import torch
     import torch.distributed as dist
     import megatron.training
@@ -509,7 +510,9 @@ def main_job_weights(rank, world_size, argv):
         args.load = args.save
     else:
         from granular_moe.parallel import initialize_model_parallel
+        from granular_moe.training.checkpoint_integrity import verify_checkpoint
 
+        verify_checkpoint(find_checkpoint(args.load))  # what the job's launcher checks first
         initialize_model_parallel()
     args.global_batch_size, args.padded_vocab_size = args.micro_batch_size, padded_vocab_size(2048, 1)
     engine = build_engine(args, transformer_config_from_args(args), 2048)

@@ -7,7 +7,9 @@ and writes ``config.json`` (the target's exact architecture), the weights as ``s
 ``generation_config.json`` and the tokenizer (the job's SentencePiece model converted to ``tokenizer.json``, and
 the model itself as ``tokenizer.model``). What the target cannot represent is refused, every problem named by
 its flag, before anything is written; the folder is written beside ``DIR`` and renamed into place at the end, so
-a failed export leaves nothing.
+a failed export leaves nothing. The checkpoint's files are checked against the SHA-256 digests its save recorded
+before anything reads them (``--no-verify-integrity`` skips it), and it is read as the main job reads it:
+nothing unpickled but checkpoint metadata and plain data.
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ def _check_output(output: Path, overwrite: bool) -> None:
 
 
 def export_hf(load: Path, output: Path, target: str = "auto", *, tokenizer_model: Path | None = None,
-              dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False) -> tuple[str, Path]:
+              dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False,
+              verify: bool = True) -> tuple[str, Path]:
     """Write the checkpoint under ``load`` as a Hugging Face folder ``output``; returns ``(target, output)``.
-    Raises :class:`HfExportError` (nothing written) for a model ``target`` cannot represent."""
+    Raises :class:`HfExportError` (nothing written) for a model ``target`` cannot represent, and
+    :class:`~granular_moe.training.checkpoint.CheckpointError` naming the file for a damaged checkpoint
+    (``verify``: its files checked against their digests first)."""
     from granular_moe.hf.megatron_io import load_model, one_process_args, single_process_world
     from granular_moe.hf.tokenizer import job_tokenizer_model, special_ids, write_tokenizer
     from granular_moe.hf.weights import megatron_to_hf
@@ -88,6 +93,10 @@ def export_hf(load: Path, output: Path, target: str = "auto", *, tokenizer_model
     load, output = Path(load), Path(output)
     max_bytes = parse_size(max_shard_size)
     directory = load if (load / "metadata.json").is_file() else require_checkpoint(load)
+    if verify:
+        from granular_moe.training.checkpoint_integrity import verify_checkpoint
+
+        verify_checkpoint(directory)
     args = one_process_args(read_checkpoint(directory))
     target = choose_target(args, target)  # every refusal before any work
     _check_output(output, overwrite)
@@ -147,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights' dtype (auto: bfloat16 for a --bf16 checkpoint, else float32)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--no-verify-integrity", dest="verify", action="store_false",
+                        help="read the checkpoint without checking its files against the SHA-256 digests its save "
+                        "recorded (integrity.json)")
     return parser
 
 
@@ -154,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         target, output = export_hf(args.load, args.output, args.target, tokenizer_model=args.tokenizer_model,
-                                   dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                                   dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                   verify=args.verify)
     except GranularMoEConfigError as error:
         print(f"export-hf: error: {error}", file=sys.stderr, flush=True)
         return 2

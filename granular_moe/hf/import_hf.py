@@ -2,7 +2,9 @@
 checkpoint the main job continues training from.
 
 The folder's ``config.json`` becomes the job's model flags (granularity 1: the model's experts are the job's
-experts); every field the job cannot build the same way is refused by name before anything is written. The
+experts); every field the job cannot build the same way is refused by name before anything is written. Before
+any tensor is read, the model must fit in memory and the ``safetensors`` headers must hold exactly the tensors
+of the config's shapes; every weight read must be finite (:mod:`granular_moe.hf.import_checks`). The
 weights go into the job's model at TP = PP = EP = 1 in one process, saved as iteration 0 of ``CHECKPOINT``
 (``torch_dist``, weights and arguments; it reshards to any layout). ``CHECKPOINT`` also gets:
 
@@ -17,7 +19,6 @@ Continue training with ``granular-moe pretrain --config CHECKPOINT/model.yaml --
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -36,15 +37,10 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's ``safetensors`` checkpoint (sharded with an index, or one file)."""
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise HfImportError(f"--model {folder}: no model.safetensors or model.safetensors.index.json")
+    from granular_moe.hf.import_checks import safetensors_files
+
     tensors = {}
-    for name in files:
+    for name in safetensors_files(folder):
         tensors.update(load_file(str(folder / name)))
     return tensors
 
@@ -64,14 +60,17 @@ def flags_as_yaml(flags: list[str]) -> dict:
     return entries
 
 
-def import_hf(model_dir: Path, save: Path) -> Path:
+def import_hf(model_dir: Path, save: Path, *, allow_non_finite: bool = False) -> Path:
     """Write the Hugging Face model in ``model_dir`` as a main-job checkpoint in ``save``; returns the
-    checkpoint's folder. Raises :class:`HfImportError` (nothing written) for a model the job cannot build."""
+    checkpoint's folder. Raises :class:`HfImportError` (nothing written) for a model the job cannot build, one
+    that does not fit in memory, weights that do not match ``config.json``, and (unless ``allow_non_finite``)
+    weights holding NaN or Inf."""
     from transformers import AutoConfig
 
+    from granular_moe.hf import import_checks
     from granular_moe.hf.megatron_io import build_model, one_process_args, save_model, single_process_world
     from granular_moe.hf.tokenizer import SENTENCEPIECE_FILE
-    from granular_moe.hf.weights import hf_to_megatron
+    from granular_moe.hf.weights import hf_tensor_shapes, hf_to_megatron
     from granular_moe.training.checkpoint import TRACKER
     from granular_moe.training.model import padded_vocab_size
 
@@ -93,10 +92,16 @@ def import_hf(model_dir: Path, save: Path) -> Path:
             raise HfImportError(f"vocab_size {config.vocab_size}: the job pads its tokenizer's {pieces} pieces to "
                                 f"{padded_vocab_size(pieces, 1)} rows, the model has {padded}")
         flags += ["--tokenizer-model", str(tokenizer_path.resolve())]
+    args = one_process_args(parse_model_flags(flags))
+    headers = import_checks.read_headers(model_dir)
+    shapes = hf_tensor_shapes(args, config.model_type, config.vocab_size)
+    import_checks.check_memory(model_dir, shapes, args, headers, padded)
+    import_checks.check_headers(model_dir, shapes, args, headers)
     tensors = read_safetensors(model_dir)
+    if not allow_non_finite:
+        import_checks.check_finite(model_dir, tensors, headers)
     dtypes = {t.dtype for name, t in tensors.items() if not name.endswith("e_score_correction_bias")}
 
-    args = one_process_args(parse_model_flags(flags))
     args.hf_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(next(iter(dtypes)), "float32") \
         if len(dtypes) == 1 else "float32"
     if padded != config.vocab_size:
@@ -127,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--model", type=Path, required=True, help="the Hugging Face model folder")
     parser.add_argument("--save", type=Path, required=True, help="the checkpoint folder to write (new)")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="import weights holding NaN or Inf (refused by tensor name otherwise)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        directory = import_hf(args.model, args.save)
+        directory = import_hf(args.model, args.save, allow_non_finite=args.allow_non_finite)
     except GranularMoEConfigError as error:
         print(f"import-hf: error: {error}", file=sys.stderr, flush=True)
         return 2

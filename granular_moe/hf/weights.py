@@ -148,3 +148,90 @@ def hf_to_megatron(tensors: dict, args, target: str, template: dict) -> dict[str
     if missing:
         raise KeyError(f"no Hugging Face tensor fills {missing[:8]}")
     return {name: tensor.to(template[name].dtype).contiguous() for name, tensor in out.items()}
+
+
+# config.json's name for each of the job's sizes, by target (a dimension is named by the keys it comes from)
+_EXPERTS_KEY = {"qwen3_moe": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+
+
+EXPERT = "{expert}"  # in a name of hf_tensor_shapes: one such tensor per routed expert
+
+
+def hf_tensor_shapes(args, target: str, vocab_size: int) -> dict[str, tuple[tuple[int, str], ...]]:
+    """Every tensor of the target's checkpoint of the model ``args`` describe (the names
+    :func:`megatron_to_hf` writes, in its order), a routed expert's once with :data:`EXPERT` in its name: its
+    shape, each dimension as ``(size, the config.json keys it comes from)``. Nothing is allocated and nothing
+    grows with the sizes: the import checks a config and a checkpoint's headers against it."""
+    def dim(size: int, key: str) -> tuple[int, str]:
+        return int(size), key
+
+    hidden, vocab = dim(args.hidden_size, "hidden_size"), dim(vocab_size, "vocab_size")
+    heads = args.num_attention_heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    attention = {}
+    if target == "qwen3_moe":
+        _, groups, width = _qkv_sizes(args)
+        queries = dim(heads * width, "num_attention_heads x head_dim")
+        keys = dim(groups * width, "num_key_value_heads x head_dim")
+        attention = {"q_proj": (queries, hidden), "k_proj": (keys, hidden), "v_proj": (keys, hidden),
+                     "o_proj": (hidden, queries), "q_norm": (dim(width, "head_dim"),),
+                     "k_norm": (dim(width, "head_dim"),)}
+    else:
+        query = dim(heads * (args.qk_head_dim + args.qk_pos_emb_head_dim),
+                    "num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim)")
+        latent = dim(args.kv_lora_rank, "kv_lora_rank")
+        if args.q_lora_rank is None:
+            attention["q_proj"] = (query, hidden)
+        else:
+            rank = dim(args.q_lora_rank, "q_lora_rank")
+            attention.update(q_a_proj=(rank, hidden), q_a_layernorm=(rank,), q_b_proj=(query, rank))
+        attention.update(
+            kv_a_proj_with_mqa=(dim(args.kv_lora_rank + args.qk_pos_emb_head_dim, "kv_lora_rank + qk_rope_head_dim"),
+                                hidden),
+            kv_a_layernorm=(latent,),
+            kv_b_proj=(dim(heads * (args.qk_head_dim + args.v_head_dim),
+                           "num_attention_heads x (qk_nope_head_dim + v_head_dim)"), latent),
+            o_proj=(hidden, dim(heads * args.v_head_dim, "num_attention_heads x v_head_dim")))
+
+    def gated(prefix: str, width: tuple[int, str]) -> dict:
+        return {f"{prefix}.gate_proj.weight": (width, hidden), f"{prefix}.up_proj.weight": (width, hidden),
+                f"{prefix}.down_proj.weight": (hidden, width)}
+
+    from granular_moe.hf.targets import ffn_hidden_size
+
+    experts = dim(args.num_experts or 0, _EXPERTS_KEY[target])
+    expert_width = dim(args.moe_ffn_hidden_size or 0, "moe_intermediate_size")
+    pattern = moe_pattern(args)
+    for layer in range(args.num_layers):
+        prefix = f"model.layers.{layer}."
+        shapes[prefix + "input_layernorm.weight"] = (hidden,)
+        shapes.update({f"{prefix}self_attn.{name}.weight": shape for name, shape in attention.items()})
+        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+        if not pattern[layer]:
+            shapes.update(gated(prefix + "mlp", dim(ffn_hidden_size(args), "intermediate_size")))
+            continue
+        shapes[prefix + "mlp.gate.weight"] = (experts, hidden)
+        if target == "deepseek_v3":
+            shapes[prefix + "mlp.gate.e_score_correction_bias"] = (experts,)
+        shapes.update(gated(f"{prefix}mlp.experts.{EXPERT}", expert_width))
+        if target == "deepseek_v3":
+            shapes.update(gated(prefix + "mlp.shared_experts", dim(args.moe_shared_expert_intermediate_size,
+                                                                   "n_shared_experts x moe_intermediate_size")))
+    shapes["model.norm.weight"] = (hidden,)
+    if args.untie_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def tensor_copies(name: str, args) -> int:
+    """How many checkpoint tensors an entry of :func:`hf_tensor_shapes` stands for."""
+    return args.num_experts if EXPERT in name else 1
+
+
+def expanded(shapes: dict, args) -> dict:
+    """:func:`hf_tensor_shapes` with one entry per routed expert: every tensor name of the checkpoint."""
+    out = {}
+    for name, shape in shapes.items():
+        out.update({name.format(expert=expert): shape for expert in range(tensor_copies(name, args))}
+                   if EXPERT in name else {name: shape})
+    return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -213,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="load the weights only, from iteration 0 (no optimizer, scheduler or RNG state)")
     checkpoint.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer and scheduler")
     checkpoint.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    integrity = checkpoint.add_mutually_exclusive_group()
+    integrity.add_argument("--verify-integrity", dest="verify_integrity", action="store_true", default=True,
+                           help="Megatron-LM's flag: every save records the SHA-256 of its files (integrity.json) and "
+                           "--load / --moe-upcycle-from are checked against them (the default here)")
+    integrity.add_argument("--no-verify-integrity", dest="verify_integrity", action="store_false",
+                           help="load --load / --moe-upcycle-from without checking their files against the SHA-256 "
+                           "digests each save records (saves still record them)")
     checkpoint.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist",
                             help="Megatron-LM's distributed checkpoint format (the one this job writes)")
     checkpoint.add_argument("--save-interval", type=int, default=100)
@@ -292,6 +301,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     config_path = pre_parser.parse_known_args(argv)[0].config
     if config_path is not None:
         parser.set_defaults(**_yaml_defaults(parser, config_path))
+    # The values as given (before --moe-granularity scales the MoE sizes), from the command line or the YAML
+    check_values(argparse.ArgumentParser.parse_known_args(parser, argv)[0])
     args = parser.parse_args(argv)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
@@ -359,17 +370,24 @@ def check_moe_flags(args: argparse.Namespace) -> None:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """The files the flags name exist: ``--data-path`` (.bin/.idx), ``--tokenizer-model``, the checkpoints of
-    ``--load`` (unless ``--resume-if-exists``) and ``--moe-upcycle-from``. Called before any process starts."""
-    from granular_moe.training.checkpoint import require_checkpoint
-    from granular_moe.training.data import check_data_flags
+    """The files the flags name exist and open: ``--data-path`` (.bin/.idx) and ``--tokenizer-model``, the
+    checkpoints of ``--load`` (unless ``--resume-if-exists``) and ``--moe-upcycle-from``. Called by the launcher
+    before any process starts, and by the job."""
+    from granular_moe.training.checkpoint import find_checkpoint, require_checkpoint
+    from granular_moe.training.data import check_data_files
 
-    check_data_flags(args)
+    check_data_files(args)
     if args.load is not None and not args.resume_if_exists:
         require_checkpoint(args.load)
-    if args.resume_if_exists and args.load is None:
-        raise GranularMoEConfigError("--resume-if-exists needs --load (the folder to resume from when it has a "
-                                     "checkpoint)")
+    if args.resume_if_exists:
+        if args.load is None:
+            raise GranularMoEConfigError("--resume-if-exists needs --load (the folder to resume from when it has a "
+                                         "checkpoint)")
+        if not Path(args.load).exists() and Path(args.load).resolve() != Path(args.save).resolve():
+            raise GranularMoEConfigError(
+                f"--load {args.load}: no such folder (a typo?); with --resume-if-exists a --load other than --save "
+                f"({args.save}) must exist; to start from scratch, drop --load and --resume-if-exists")
+        find_checkpoint(args.load)  # a tracker that names no checkpoint is an error here too
     if args.moe_upcycle_from is not None:
         if not args.num_experts:
             raise GranularMoEConfigError("--moe-upcycle-from needs an MoE model: set --num-experts")
@@ -389,3 +407,65 @@ def check_schedule(args: argparse.Namespace) -> None:
         )
     if not 0 <= args.min_lr <= args.lr:
         raise GranularMoEConfigError(f"--min-lr {args.min_lr:g} must lie in 0..--lr {args.lr:g}")
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The values a numeric flag may take: from ``lowest`` to ``highest`` (None: no bound), each bound
+    included unless excluded."""
+
+    lowest: float
+    highest: float | None = None
+    lowest_excluded: bool = False
+    highest_excluded: bool = False
+
+    def problem(self, flag: str, value) -> str | None:
+        """What is wrong with ``value`` for ``flag`` (None: nothing)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value}"
+        low = value <= self.lowest if self.lowest_excluded else value < self.lowest
+        high = self.highest is not None and (value >= self.highest if self.highest_excluded else value > self.highest)
+        if not (low or high):
+            return None
+        if self.highest is None:
+            return f"{flag} must be {'>' if self.lowest_excluded else '>='} {self.lowest}, got {value}"
+        return (f"{flag} must lie in {'(' if self.lowest_excluded else '['}{self.lowest}, {self.highest}"
+                f"{')' if self.highest_excluded else ']'}, got {value}")
+
+
+# What each numeric flag may be, checked alike on the command line and in --config (check_values). The
+# iteration counts and intervals are checked by check_schedule, --moe-expert-capacity-factor by check_moe_flags,
+# the parallel sizes and --moe-ranks-per-node by the layout (granular_moe.training.layout).
+VALUE_RANGES = {
+    **dict.fromkeys((
+        "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--seq-length",
+        "--max-position-embeddings", "--rotary-base", "--num-query-groups", "--kv-channels", "--q-lora-rank",
+        "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim", "--v-head-dim", "--moe-router-topk",
+        "--moe-ffn-hidden-size", "--moe-router-num-groups", "--moe-router-group-topk",
+        "--moe-shared-expert-intermediate-size", "--moe-granularity", "--ddp-bucket-size",
+        "--distributed-timeout-minutes", "--micro-batch-size", "--global-batch-size", "--vocab-size",
+        "--corpus-max-bytes"), ValueRange(1)),
+    **dict.fromkeys((
+        "--num-experts", "--eval-iters", "--seed", "--lr", "--lr-warmup-init", "--weight-decay", "--clip-grad",
+        "--init-method-std", "--moe-aux-loss-coeff", "--moe-z-loss-coeff", "--moe-router-bias-update-rate"),
+        ValueRange(0)),
+    **dict.fromkeys(("--hidden-dropout", "--attention-dropout", "--adam-beta1", "--adam-beta2"),
+                    ValueRange(0, 1, highest_excluded=True)),
+    **dict.fromkeys(("--norm-epsilon", "--adam-eps", "--moe-router-topk-scaling-factor"),
+                    ValueRange(0, lowest_excluded=True)),
+}
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Every numeric flag within its range (:data:`VALUE_RANGES`), whether it came from the command line or
+    from ``--config``: one error naming each flag out of range, before any work."""
+    problems = []
+    for flag, allowed in VALUE_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        entries = [entry for entry in (value if isinstance(value, list) else [value])
+                   if entry is not None and not isinstance(entry, bool)]
+        problem = next((p for p in (allowed.problem(flag, entry) for entry in entries) if p is not None), None)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        raise GranularMoEConfigError("; ".join(problems))

@@ -10,7 +10,12 @@ shard of its global tensor (experts at their global expert index), so a checkpoi
 
 A save is atomic: the checkpoint is written to ``iter_N.tmp/``, which rank 0 renames into place once every
 rank is done, and only then is the tracker replaced (write, fsync, rename). A save killed at any point leaves
-the previous checkpoint and the tracker untouched; the next save tidies what it left.
+the previous checkpoint and the tracker untouched; the next save tidies what it left. Each save records the
+SHA-256 of every file in ``integrity.json`` (megatron-core's integrity manifest) before the rename, so the
+tracker never names a checkpoint without it (:mod:`granular_moe.training.checkpoint_integrity` checks it).
+
+Every read goes through :mod:`granular_moe.training.trusted_reader`: nothing in a checkpoint is unpickled but
+torch's checkpoint metadata classes and plain data.
 """
 
 from __future__ import annotations
@@ -126,9 +131,25 @@ def require_checkpoint(load: Path, flag: str = "--load") -> Path:
     return directory
 
 
+def reading_error(error: BaseException, what: str) -> CheckpointError:
+    """The error to raise for a reader's failure: one of ours (a damaged or untrusted file, named) as it is,
+    else ``what`` with the reader's message (torch's distributed-checkpoint errors wrap each rank's)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        error = inner[0] if isinstance(inner, tuple) else inner
+    if isinstance(error, CheckpointError):
+        return error
+    return CheckpointError(f"{what} ({_describe(error)})")
+
+
 def _read_common(directory: Path) -> dict:
     """The checkpoint's common state (arguments, iteration, ...), its files checked first."""
     from megatron.core import dist_checkpointing
+
+    from granular_moe.training import trusted_reader
+
+    trusted_reader.install()
 
     config = directory / "metadata.json"
     if not config.is_file():
@@ -141,13 +162,13 @@ def _read_common(directory: Path) -> dict:
         raise CheckpointError(f"{config}: sharded_backend {backend!r}; this job reads torch_dist checkpoints")
     if not (directory / ".metadata").is_file():
         raise CheckpointError(f"{directory}: .metadata is missing (an incomplete or damaged checkpoint)")
+    # read here first, so a damaged or untrusted index is named as such (torch's reader would log a traceback)
+    trusted_reader.read_metadata_file(directory / ".metadata")
     try:
         return dist_checkpointing.load_common_state_dict(str(directory))
-    except READ_ERRORS as error:  # the reader's errors name no file
-        raise CheckpointError(
-            f"{directory}: its common state (arguments, iteration) cannot be read ({_describe(error)}); the "
-            f"checkpoint is damaged"
-        ) from None
+    except READ_ERRORS as error:
+        raise reading_error(error, f"{directory}: its common state (arguments, iteration) cannot be read; the "
+                                    "checkpoint is damaged") from None
 
 
 def _describe(error: BaseException) -> str:
@@ -342,7 +363,7 @@ def save_checkpoint(save: Path, state: TrainingState, engine, args: argparse.Nam
     content = sharded_state_dict(engine, saved_args, metadata, optimizer=not weights_only, rng=not weights_only)
     content["iteration"] = state.iteration
     _write_results_in_process()
-    dist_checkpointing.save(content, str(staging), content_metadata=_serializable(metadata))
+    dist_checkpointing.save(content, str(staging), content_metadata=_serializable(metadata), verify_integrity=True)
     dist.barrier()
     if rank == 0:
         for path in sorted(staging.iterdir()):
@@ -394,7 +415,7 @@ def load_checkpoint(directory: Path, engine, args: argparse.Namespace, *, load_o
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    saved = read_checkpoint(directory)
+    saved = read_checkpoint(directory)  # installs the trusted reader
     if finetune:
         load_optimizer = load_rng = False
     notes = check_compatible(saved, args, directory, load_optimizer)
@@ -407,9 +428,8 @@ def load_checkpoint(directory: Path, engine, args: argparse.Namespace, *, load_o
     try:
         loaded = dist_checkpointing.load(request, str(directory))
     except READ_ERRORS as error:
-        raise CheckpointError(
-            f"{directory} could not be read ({_describe(error)}); the checkpoint is damaged or incomplete"
-        ) from None
+        raise reading_error(error, f"{directory} could not be read; the checkpoint is damaged or incomplete") \
+            from None
     for key, module in zip(_model_keys(engine.modules), engine.modules):
         module.load_state_dict(loaded[key], strict=True)
     if load_optimizer:

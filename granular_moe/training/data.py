@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,11 @@ class DataPathError(GranularMoEConfigError, FileNotFoundError):
     """A ``--data-path`` / ``--tokenizer-model`` that names no file, or one without the other."""
 
 
+class DataFileError(GranularMoEConfigError):
+    """A ``--data-path`` / ``--tokenizer-model`` file that cannot be used (empty, malformed, of another
+    tokenizer): the message names the flag and the file."""
+
+
 def _require_indexed_dataset(prefix: str) -> None:
     missing = [path for path in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(path)]
     if missing:
@@ -80,21 +86,64 @@ def check_data_flags(args: argparse.Namespace) -> None:
         _require_indexed_dataset(str(args.data_path))
 
 
+def check_data_files(args: argparse.Namespace) -> None:
+    """:func:`check_data_flags`, then open the files as the job will: ``--tokenizer-model`` as a SentencePiece
+    model and ``--data-path`` as an indexed dataset of its tokens (:func:`open_indexed_dataset`). The launcher
+    calls it before any process starts; what cannot be used is named by flag and file."""
+    check_data_flags(args)
+    if args.data_path is not None:
+        open_indexed_dataset(str(args.data_path), open_tokenizer(args.tokenizer_model))
+
+
+def open_tokenizer(path) -> SentencePieceTokenizer:
+    """``--tokenizer-model``'s SentencePiece model; an error naming the flag when it is not one."""
+    try:
+        return SentencePieceTokenizer(path)
+    except FileNotFoundError as error:
+        raise DataPathError(str(error)) from None
+    except ValueError as error:
+        raise DataFileError(str(error)) from None
+
+
+def _open_index(prefix: str) -> IndexedDataset:
+    """megatron-core's ``IndexedDataset`` of ``prefix``, its two files checked first: an error naming the flag
+    and the file for an empty or malformed ``.idx``, and a ``.bin`` that is empty or not the size the index
+    describes (cut short, or of another index)."""
+    index, data = prefix + ".idx", prefix + ".bin"
+    for path in (index, data):
+        if os.path.getsize(path) == 0:
+            raise DataFileError(f"--data-path {prefix}: {path} is empty (write the dataset with `granular-moe "
+                                "preprocess`, or Megatron-LM's preprocess_data.py)")
+    try:
+        dataset = IndexedDataset(prefix)
+    except (AssertionError, ValueError, KeyError, IndexError, OSError, struct.error) as error:
+        raise DataFileError(f"--data-path {prefix}: {index} is not a megatron-core index ({type(error).__name__}: "
+                            f"{str(error).strip()[:200]})") from None
+    lengths, pointers = dataset.index.sequence_lengths, dataset.index.sequence_pointers
+    expected = int(pointers[-1]) + int(lengths[-1]) * dataset.index.dtype_size if len(lengths) else 0
+    if os.path.getsize(data) != expected:
+        raise DataFileError(f"--data-path {prefix}: {data} holds {os.path.getsize(data):,} bytes, its index "
+                            f"{index} describes {expected:,} (a file cut short, or the two are of different datasets)")
+    return dataset
+
+
 def open_indexed_dataset(prefix: str, tokenizer: SentencePieceTokenizer) -> IndexedDataset:
-    """Open ``prefix.bin``/``.idx`` after checking what the pretraining job relies on: both files exist, every
-    document is one sequence (so the split is by document), and token ids fit the tokenizer's vocabulary."""
+    """Open ``prefix.bin``/``.idx`` after checking what the pretraining job relies on: both files exist and
+    agree, every document is one sequence (so the split is by document), and token ids fit the tokenizer's
+    vocabulary. Errors name ``--data-path`` and the file."""
     _require_indexed_dataset(prefix)
-    dataset = IndexedDataset(prefix)
+    dataset = _open_index(prefix)
     if len(dataset.document_indices) - 1 != len(dataset.sequence_lengths):
-        raise ValueError(
+        raise DataFileError(
             f"--data-path {prefix}: {len(dataset.sequence_lengths)} sequences in {len(dataset.document_indices) - 1} "
             "documents; the train/valid split is by sequence, so each document must be one sequence "
             "(write it with `granular-moe preprocess`, or Megatron-LM's preprocessing without sentence splitting)")
     tokens = numpy.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")[:TOKENS_CHECKED]
     largest = int(tokens.max()) if tokens.size else -1
     if largest >= tokenizer.vocab_size:
-        raise ValueError(f"--data-path {prefix} holds token id {largest}, beyond the vocabulary of --tokenizer-model "
-                         f"{tokenizer.path} ({tokenizer.vocab_size}): not the tokenizer this data was written with")
+        raise DataFileError(f"--data-path {prefix} holds token id {largest}, beyond the vocabulary of "
+                            f"--tokenizer-model {tokenizer.path} ({tokenizer.vocab_size}): not the tokenizer this data "
+                            "was written with")
     return dataset
 
 
@@ -158,7 +207,7 @@ def build_data(args: argparse.Namespace, data_parallel_size: int = 1,
     built on first use. Call on every rank."""
     check_data_flags(args)
     if args.data_path is not None:
-        tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        tokenizer = open_tokenizer(args.tokenizer_model)
         data_prefix = str(args.data_path)
     else:
         corpus = embedded_corpus(args.vocab_size, corpus_max_bytes)

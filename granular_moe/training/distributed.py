@@ -7,9 +7,12 @@ the job, and the launch plans (:mod:`granular_moe.training.launch`) to describe 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
@@ -255,3 +258,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(signal_number: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send this process ``signal_number`` when its parent (torchrun's agent, srun's step
+    daemon, mpirun's proxy) dies, so a killed launcher leaves no worker behind to train and save on its own
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing is done and False returned). A parent that died
+    before the request took effect is caught too: the process then ends at once."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the parent is already gone: the signal will never come
+        os.kill(os.getpid(), signal_number)
+    return True

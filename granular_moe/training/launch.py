@@ -11,9 +11,12 @@ and the environment its processes get:
   ranks from the SLURM variables.
 - ``mpirun``: ``launch_scripts/pretrain_gpt_moe_mpi.sh``, ranks from the MPI launcher's variables.
 
-Every route checks the layout (:func:`granular_moe.training.layout.check_layout`) before it starts a process.
-The trainer resolves its rank with :func:`granular_moe.training.distributed.distributed_env` and checks the
-layout again against the world it finds, so a job started by hand fails the same way.
+Every route checks the layout (:func:`granular_moe.training.layout.check_layout`) and the files the flags name
+(the data and tokenizer opened, the checkpoints to read checked against their SHA-256 digests) before it starts
+a process, then locks ``--save`` (:mod:`granular_moe.training.save_lock`) and hands the lock to the process it
+becomes; each process started dies with its parent. The trainer resolves its rank with
+:func:`granular_moe.training.distributed.distributed_env` and checks the layout again against the world it
+finds, so a job started by hand fails the same way.
 
 Command line: ``python -m granular_moe.training.launch {check,torchrun,slurm,mpirun} [launcher flags]
 [trainer flags]``; launcher flags also come from the environment (``NNODES``, ``NPROC_PER_NODE``, ...), and
@@ -23,6 +26,7 @@ Command line: ``python -m granular_moe.training.launch {check,torchrun,slurm,mpi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import shlex
@@ -38,12 +42,18 @@ from granular_moe.config import GranularMoEConfigError
 from granular_moe.training.distributed import (
     DEFAULT_MASTER_PORT,
     LaunchConfigError,
+    die_with_parent,
     distributed_env,
     expand_nodelist,
     int_at_least,
     slurm_default_port,
 )
+from granular_moe.training.checkpoint_integrity import VERIFIED_ENV
 from granular_moe.training.layout import PARALLEL_ENV, Layout, check_layout
+from granular_moe.training.save_lock import TOKEN_ENV, SaveLock
+
+# Set by the launcher for the job's processes (forwarded by every route): the lock's token, what it verified.
+JOB_ENV = (TOKEN_ENV, VERIFIED_ENV)
 
 ENTRY_ENV = "GRANULAR_MOE_ENTRY"
 DEFAULT_ENTRY = "granular_moe.training.pretrain"
@@ -245,7 +255,7 @@ def _omp_threads(environ: Mapping[str, str], nproc: int) -> str:
 
 def _base_env(environ: Mapping[str, str], nproc: int) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": _omp_threads(environ, nproc)}
-    for variable in ("PYTHONPATH", ENTRY_ENV):
+    for variable in ("PYTHONPATH", ENTRY_ENV, *JOB_ENV):
         if environ.get(variable):
             env[variable] = environ[variable]
     return env
@@ -448,7 +458,32 @@ def run_worker(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         print(f"rank {where.rank} of {where.world_size} ({where.launcher}): "
               f"{shlex.join(_entry_command(environ, argv))}", flush=True)
         return 0
+    if environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: die with its agent, whoever kills it
+        die_with_parent()
     return importlib.import_module(entry).main(argv) or 0
+
+
+def prepare_job(route: str, node_rank: int, argv: Sequence[str]) -> tuple[SaveLock | None, dict[str, str]]:
+    """What this launcher does once every check passed, before it starts anything: lock ``--save`` (the node
+    that starts the job: node 0 of the torchrun route, the host of srun / mpirun), its descriptor handed on to
+    the process this one becomes, and check the checkpoints the job reads against their SHA-256 digests (every
+    node, on its threads). Returns the lock and the environment that tells the job's processes both."""
+    from granular_moe.training.checkpoint_integrity import job_checkpoints, verified_env, verify_checkpoint
+
+    args = _parse_trainer_args(argv)
+    lock = SaveLock.acquire(args.save, inheritable=True) if route != "torchrun" or node_rank == 0 else None
+    try:
+        env = dict(lock.env()) if lock is not None else {}
+        if args.verify_integrity:
+            checkpoints = job_checkpoints(args)
+            for directory in checkpoints:
+                verify_checkpoint(directory)
+            env.update(verified_env(checkpoints))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, env
 
 
 def _execute(plan: Plan, node_rank: int, environ: Mapping[str, str]) -> None:
@@ -511,7 +546,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print(plan.render())
             return 0
         node_rank = _this_node(route, plan, settings, environ)
-        _execute(plan, node_rank, environ)
+        lock, job_env = prepare_job(route, node_rank, trainer_flags)
+        with lock or contextlib.nullcontext():
+            environ.update(job_env)
+            plan = _PLANNERS[route](settings, trainer_flags, environ)  # forwards job_env to every process
+            _execute(plan, node_rank, environ)
     except GranularMoEConfigError as error:
         print(f"granular-moe launch: error: {error}", file=sys.stderr)
         return 2

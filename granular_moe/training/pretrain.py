@@ -10,10 +10,16 @@ megatron-core's CPU shims. The engine (DDP, optimizer, scheduler, pipeline sched
 
 Errors a user can act on (:class:`~granular_moe.config.GranularMoEConfigError`) are printed once, by global
 rank 0, with exit status 2; one found on some ranks only is reported by every rank as the first one's.
+
+Before any work: rank 0 locks ``--save`` for the job's life (:mod:`granular_moe.training.save_lock`; a job
+started by the launcher finds it locked for it), and the checkpoints of ``--load`` / ``--moe-upcycle-from``
+are checked against their SHA-256 digests, the files split over the ranks (unless the launcher checked them).
+A process started by a launcher dies with it (:func:`granular_moe.training.distributed.die_with_parent`).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -32,6 +38,7 @@ from granular_moe.megatron.cpu_shims import apply_cpu_shims
 from granular_moe.parallel import destroy_model_parallel, initialize_model_parallel
 from granular_moe.training.arguments import check_inputs, parse_args
 from granular_moe.training.checkpoint import (
+    CheckpointError,
     TrainingState,
     check_compatible,
     find_checkpoint,
@@ -39,12 +46,14 @@ from granular_moe.training.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from granular_moe.training.checkpoint_integrity import job_checkpoints, needs_verifying, verify_checkpoint
 from granular_moe.training.data import build_data, eval_batches, train_batches
-from granular_moe.training.distributed import distributed_env
+from granular_moe.training.distributed import die_with_parent, distributed_env
 from granular_moe.training.engine import build_engine, evaluate, memory_report, train_step
 from granular_moe.training.layout import check_layout
 from granular_moe.training.metrics import MetricsLog, MoELayerStatistics, plot_losses
 from granular_moe.training.model import padded_vocab_size, transformer_config_from_args
+from granular_moe.training.save_lock import SaveLock, job_token
 
 
 def _initialize_distributed(args, world) -> torch.device:
@@ -125,7 +134,44 @@ def _resume_from(args):
     return directory
 
 
+def _claim_save(args):
+    """Rank 0 locks ``--save`` (or finds it locked for this job by its launcher); the others hold nothing."""
+    return SaveLock.acquire(args.save, job_token=job_token(os.environ)) if dist.get_rank() == 0 else None
+
+
+def _verify_checkpoints(args) -> None:
+    """The checkpoints this job reads, checked against their SHA-256 digests: each rank hashes its share of
+    the files, and every rank raises one error naming what any rank found. Skipped for what the launcher
+    checked, and with ``--no-verify-integrity``."""
+    if not args.verify_integrity:
+        return
+    for directory in job_checkpoints(args):
+        if not needs_verifying(directory, os.environ):
+            continue
+        try:
+            verify_checkpoint(directory, share=(dist.get_rank(), dist.get_world_size()))
+            found = None
+        except CheckpointError as error:
+            found = str(error)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, found)
+        lines = [line for message in everyone if message for line in message.splitlines()]
+        if lines:
+            raise CheckpointError("\n".join(dict.fromkeys(lines)))  # each rank checks the file list: once
+
+
 def _train(args, layout, device) -> dict:
+    """Train holding the lock on ``--save``, its checkpoints to read checked first."""
+    lock = agreed(_claim_save, args)
+    try:
+        agreed(_verify_checkpoints, args)
+        return _train_holding_save(args, layout, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_holding_save(args, layout, device) -> dict:
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size,
         virtual_pipeline=layout.virtual_pipeline, num_experts=args.num_experts or None,
@@ -139,6 +185,9 @@ def _train(args, layout, device) -> dict:
     data = agreed(build_data, args, data_parallel, corpus_max_bytes=args.corpus_max_bytes)
     args.padded_vocab_size = padded_vocab_size(data.tokenizer.vocab_size, args.tensor_model_parallel_size)
     resume = agreed(_resume_from, args)
+    if resume is None and args.resume_if_exists and dist.get_rank() == 0:
+        print(f"pretrain_gpt_moe: --resume-if-exists: --load {args.load} holds no checkpoint yet; starting from "
+              "scratch", flush=True)
     config = transformer_config_from_args(args)
     chunks = None
     if args.moe_upcycle_from is not None and resume is None:
@@ -248,7 +297,17 @@ def _reports_errors() -> bool:
         return True
 
 
+def _launched() -> bool:
+    """Whether a launcher (torchrun, srun, mpirun) started this process, rather than a plain ``python``."""
+    try:
+        return distributed_env().launcher != "single"
+    except GranularMoEConfigError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if _launched():
+        die_with_parent()
     try:
         pretrain(parse_args(argv))
     except GranularMoEConfigError as error:
