@@ -293,3 +293,80 @@ def test_the_expert_bias_balances_a_skewed_router(gloo_world):
         reset_model_temporary_tensors(config, [layer])
     assert start > 3.0
     assert imbalance() <= start / 2, (start, imbalance())
+
+
+PADDED = 2  # the last positions of every sequence are padding
+
+
+def run_padded(config, steps=1):
+    """:func:`run` with the last ``PADDED`` positions of every sequence marked as padding."""
+    torch.manual_seed(0)
+    layer = GranularMoELayer(config, layer_number=1)
+    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    padding[:, -PADDED:] = True
+    inputs, outputs = [], []
+    for _ in range(steps):
+        x = torch.randn(SEQ, BATCH, config.hidden_size, dtype=torch.float64, requires_grad=True)
+        projection = torch.randn_like(x)
+        out, _ = layer(x, padding_mask=padding)
+        (out * projection).sum().backward()
+        inputs.append((x, projection))
+        outputs.append(out.detach())
+    return layer, inputs, outputs
+
+
+def valid_logits(logits):
+    """The ``[s, b]``-ordered logits of the tokens that are not padding."""
+    return logits.reshape(SEQ, BATCH, -1)[: SEQ - PADDED].reshape(-1, logits.shape[-1])
+
+
+@pytest.mark.parametrize("granularity", [1, 4])
+@pytest.mark.parametrize("kind", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
+def test_padding_is_left_out_of_every_balance_loss(granularity, kind):
+    """Padding tokens are routed (their outputs and gradients as any token's) but count for no balance loss: the
+    loss value and every gradient equal the reference whose loss sees the unpadded tokens only."""
+    coefficient, steps = 0.3, 2 if kind == "global_aux_loss" else 1
+    config = moe_config(granularity, num_experts=4, topk=2, hidden=8, ffn=32, moe_router_load_balancing_type=kind,
+                        moe_aux_loss_coeff=coefficient)
+    layer, inputs, outputs = run_padded(config, steps)
+    k, loads, values = config.moe_router_topk, [], []
+
+    def losses(logits, seen):
+        scores = ref.balance_scores(valid_logits(logits))
+        if kind == "aux_loss":
+            loss = ref.switch_loss(scores, k)
+        elif kind == "seq_aux_loss":
+            loss = ref.sequence_switch_loss(scores, k, SEQ - PADDED, BATCH)
+        else:
+            loads.append(torch.zeros(scores.shape[-1], dtype=scores.dtype).index_add_(
+                0, scores.detach().topk(k).indices.reshape(-1), torch.ones(scores.shape[0] * k, dtype=scores.dtype)))
+            loss = ref.switch_loss(scores, k, loads=sum(loads) / len(loads))
+        values.append(loss.detach())
+        return coefficient * loss
+
+    assert_matches(layer, inputs, outputs, gates_for(config), losses)
+    name = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+            "global_aux_loss": "global_load_balancing_loss"}[kind]
+    recorded = get_moe_metrics_tracker().metrics[name].values[0]  # the micro-batches' sum (the tracker is fp32)
+    torch.testing.assert_close(recorded.double(), sum(values), rtol=1e-6, atol=1e-7)
+
+
+def test_expert_bias_loads_leave_out_dropped_and_padded_assignments():
+    """The loads the expert bias is steered by are the kept assignments of tokens that are not padding: neither
+    the capacity's drops nor the padding count."""
+    config = configure(2, "sigmoid-bias", moe_expert_capacity_factor=0.6)
+    layer, inputs, _ = run_padded(config)
+    x = inputs[0][0].detach().reshape(-1, config.hidden_size)
+    valid = torch.ones(SEQ, BATCH, dtype=torch.bool)
+    valid[SEQ - PADDED:] = False
+    valid = valid.reshape(-1)
+    with torch.no_grad():
+        routing, stats = layer.router(x)  # without autograd: not counted again
+    token = torch.repeat_interleave(torch.arange(x.shape[0]), routing.token_offsets.diff())
+    experts = config.num_moe_experts
+    kept_valid = torch.bincount(routing.expert_index[valid[token]], minlength=experts)
+    kept_all = torch.bincount(routing.expert_index, minlength=experts)
+    routed_valid = int(valid.sum()) * config.moe_router_topk
+    assert int(stats.dropped) > 0 and not torch.equal(kept_valid, kept_all)  # both kinds of exclusion matter here
+    assert int(kept_valid.sum()) < routed_valid
+    torch.testing.assert_close(layer.router.local_tokens_per_expert, kept_valid.float())
