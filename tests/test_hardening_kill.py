@@ -53,6 +53,15 @@ def snapshot(save: Path):
             sorted(p.name for p in save.iterdir()))
 
 
+def job_environment() -> dict:
+    """This environment without what a launcher reads as its own rendezvous (the test session's gloo world sets
+    MASTER_ADDR / MASTER_PORT for itself: a job given that port would find it taken)."""
+    from test_launch_scripts import LAUNCH_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    return dict(env, PYTHONPATH=str(ROOT))
+
+
 def test_killing_the_launchers_process_group_stops_every_worker_and_every_save(tmp_path, capsys, monkeypatch):
     from granular_moe.training import launch
 
@@ -66,7 +75,7 @@ def test_killing_the_launchers_process_group_stops_every_worker_and_every_save(t
     job = subprocess.Popen(
         ["bash", str(SCRIPT), "--nproc-per-node", "2", *TINY, "--train-iters", "5000", "--log-interval", "1",
          "--save-interval", "2", "--save", str(save), "--load", str(save), "--resume-if-exists"],
-        stdout=out, stderr=err, start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        stdout=out, stderr=err, start_new_session=True, env=job_environment())
     try:
         wait_for(lambda: (save / "metrics.jsonl").exists() and len(read_records(save / "metrics.jsonl")) >= 3,
                  300, "the job's third logged step")
