@@ -6,11 +6,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "export-hf": ("granular_moe.hf.export", "write a checkpoint as a Hugging Face model (Qwen3-MoE, DeepSeek-V3)"),
-    "import-hf": ("granular_moe.hf.import_hf", "write a Hugging Face Qwen3-MoE / DeepSeek-V3 model as a checkpoint"),
+    "export-hf": ("granular_moe.hf.export", "write a checkpoint as a Hugging Face model (Qwen3-MoE, DeepSeek-V3, "
+                  "Mixtral, Qwen2-MoE, OLMoE, GLM-4.5)"),
+    "import-hf": ("granular_moe.hf.import_hf", "write a Hugging Face model of those families as a checkpoint"),
     "plan": ("granular_moe.scaling.cli", "compute- or wall-clock-optimal (N, D, G) and its Megatron flags"),
     "preprocess": ("granular_moe.training.data", "train a sentencepiece tokenizer and write an indexed dataset"),
     "pretrain": ("granular_moe.training.pretrain", "pretrain a GPT with granular MoE (the main job)"),
+    "verify-hf": ("granular_moe.hf.verify", "compare a checkpoint and a Hugging Face model layer by layer"),
     "verify-checkpoint": ("granular_moe.training.verify_checkpoint",
                           "check a checkpoint's files against their SHA-256 digests and its pickles' types"),
 }

@@ -193,6 +193,19 @@ def test_another_model_is_refused_naming_each_flag_saved_and_requested(gloo_worl
     assert sorted(str(refused.value).splitlines()[1:]) == [
         "  - --moe-shared-expert-intermediate-size: saved None, this job 8",
         "  - --qk-layernorm: saved False, this job True"]
+    # the attention variants of the Hugging Face families: q/k/v biases, partial rope, one norm across heads
+    other_args, other = engine(["--add-qkv-bias", "--rotary-percent", "0.5", "--qk-layernorm",
+                                "--qk-layernorm-across-heads", "--normalization", "RMSNorm",
+                                "--position-embedding-type", "rope"])
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(find_checkpoint(tmp_path), other, other_args)
+    assert sorted(str(refused.value).splitlines()[1:]) == [
+        "  - --add-qkv-bias: saved False, this job True",
+        "  - --normalization: saved 'LayerNorm', this job 'RMSNorm'",
+        "  - --position-embedding-type: saved 'learned_absolute', this job 'rope'",
+        "  - --qk-layernorm-across-heads: saved False, this job True",
+        "  - --qk-layernorm: saved False, this job True",
+        "  - --rotary-percent: saved 1.0, this job 0.5"]
 
 
 def test_a_load_that_names_no_checkpoint_is_an_error(tmp_path):

@@ -42,7 +42,8 @@ PRESETS = ("deepseek_tiny", "qwen3_tiny")
 
 def test_every_config_file_is_known_here():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
-    assert names == {"cpu_default", "sweep_cpu", "sweep_gpu", "moe_deepseek_tiny_hf"} | {
+    hf_families = {"moe_mixtral_tiny", "moe_qwen2_tiny", "moe_olmoe_tiny", "moe_glm4_tiny"}  # tests/test_hf.py's
+    assert names == {"cpu_default", "sweep_cpu", "sweep_gpu", "moe_deepseek_tiny_hf", *hf_families} | {
         f"{kind}_{size}" for kind in ("moe", "dense") for size in (*SIZES, *PRESETS)}
 
 

@@ -348,11 +348,34 @@ def test_the_checksum_benchmark_measures_save_and_load(tmp_path, monkeypatch, ca
     assert all(row["mb_per_s"] > 0 and row["bytes"] in (10**6, 2 * 10**6) for row in rows)
 
 
-def test_a_metadata_naming_a_file_outside_the_checkpoint_is_refused(copy, gloo_world):
-    """Shards are read only inside the checkpoint's folder: an index pointing at ../ is refused."""
+def test_the_manifest_written_from_the_writers_digests_is_megatron_cores(copy):
+    """granular-moe import-hf's workers hash the files they write; the manifest made from their digests is the one
+    megatron-core's save_integrity_manifest writes over the same files, byte for byte."""
+    from megatron.core.dist_checkpointing.validation import save_integrity_manifest
+
+    from granular_moe.training.checkpoint_integrity import CheckpointError, file_digest, write_manifest
+
+    _, directory = copy
+    save_integrity_manifest(str(directory))
+    expected = (directory / INTEGRITY_FILE).read_bytes()
+    distcp = {path.name: file_digest(path) for path in directory.glob("*.distcp")}
+    assert distcp
+    for known in ({}, distcp):
+        (directory / INTEGRITY_FILE).unlink()
+        write_manifest(directory, known, threads=2)
+        assert (directory / INTEGRITY_FILE).read_bytes() == expected
+    with pytest.raises(CheckpointError, match=r"digests given for files it does not hold: \['gone.distcp'\]"):
+        write_manifest(directory, {**distcp, "gone.distcp": "0" * 64})
+
+
+@pytest.mark.parametrize("entries", ["every", "last"])
+def test_a_metadata_naming_a_file_outside_the_checkpoint_is_refused(copy, gloo_world, entries):
+    """Shards are read only inside the checkpoint's folder: an index pointing at ../ is refused, whether every
+    entry or one among many (after others naming the real shard) does."""
     save, directory = copy
     metadata = pickle.loads((directory / ".metadata").read_bytes())  # the test's own, trusted
-    for info in metadata.storage_data.values():
+    infos = list(metadata.storage_data.values())
+    for info in infos if entries == "every" else infos[-1:]:
         info.relative_path = "../../outside.distcp"
     (directory / ".metadata").write_bytes(pickle.dumps(metadata))
     fresh_args, fresh = engine(seed=1)

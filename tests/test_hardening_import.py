@@ -17,7 +17,7 @@ from granular_moe.hf import HfImportError, import_hf as import_module
 from granular_moe.hf.import_hf import import_hf
 from granular_moe.hf.megatron_io import one_process_args
 from granular_moe.hf.targets import flags_from_hf, parse_model_flags
-from test_hf import random_deepseek, random_qwen3, write_random_model
+from test_hf import RANDOM, random_deepseek, random_qwen3, write_random_model
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def edit_tensor(folder, name, tensor):
 ])
 def test_absurd_sizes_are_refused_by_key_before_anything_is_allocated(changed, tmp_path, monkeypatch, key, value,
                                                                        named):
-    from granular_moe.hf import megatron_io
+    from granular_moe.hf import megatron_io, skeleton
 
-    monkeypatch.setattr(import_module, "read_safetensors", lambda *a: pytest.fail("read the tensors"))
+    monkeypatch.setattr(import_module, "read_tensors", lambda *a: pytest.fail("read the tensors"))
     monkeypatch.setattr(megatron_io, "build_model", lambda *a: pytest.fail("built the model"))
+    monkeypatch.setattr(skeleton, "skeleton", lambda *a: pytest.fail("built the model's skeleton"))
     edit_config(changed, **{key: value})
     if key == "vocab_size":
         (changed / "tokenizer.model").unlink()  # else the tokenizer's vocabulary refuses it first
@@ -97,16 +98,21 @@ def deepseek_without_query_rank():
     return type(model)(config)
 
 
+OTHERS = ("mixtral", "qwen2_moe", "olmoe", "glm4_moe")
+
+
 @pytest.mark.parametrize("make", [lambda: random_qwen3(tie=True), lambda: random_qwen3(tie=False), random_deepseek,
-                                  deepseek_without_query_rank],
-                         ids=["qwen3-tied", "qwen3", "deepseek_v3", "deepseek_v3-full-query"])
+                                  deepseek_without_query_rank, *[RANDOM[name] for name in OTHERS]],
+                         ids=["qwen3-tied", "qwen3", "deepseek_v3", "deepseek_v3-full-query", *OTHERS])
 def test_the_shapes_checked_are_the_ones_transformers_writes(tmp_path, make):
-    from granular_moe.hf.weights import expanded, hf_tensor_shapes
+    from granular_moe.hf.families import FAMILIES
+    from granular_moe.hf.mappings import hf_shapes, sizes
 
     model = make()
     write_random_model(tmp_path / "hf", model)
     args = one_process_args(parse_model_flags(flags_from_hf(model.config)))
-    expected = expanded(hf_tensor_shapes(args, model.config.model_type, model.config.vocab_size), args)
+    args.padded_vocab_size = 2048
+    expected = hf_shapes(FAMILIES[model.config.model_type].mappings(args, model.config.vocab_size))
     written = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    assert {name: tuple(size for size, _ in shape) for name, shape in expected.items()} == {
+    assert {name: sizes(shape) for name, shape in expected.items()} == {
         name: tuple(tensor.shape) for name, tensor in written.items()}

@@ -1,6 +1,7 @@
-"""The main job's model at TP = PP = EP = 1 in one gloo process: loaded from a ``torch_dist`` checkpoint saved
-at any layout (the checkpoint reshards), or saved as a weights-only checkpoint the job loads with ``--load``
-(and ``--finetune``)."""
+"""The main job's model at TP = PP = EP = 1 in one gloo process: loaded whole from a ``torch_dist`` checkpoint
+saved at any layout (the checkpoint reshards), or saved as a weights-only checkpoint the job loads with
+``--load`` (and ``--finetune``). The conversions stream instead (:mod:`granular_moe.hf.skeleton`); this whole
+model is their plain reference in the tests and the benchmark, and the one-process world they build in."""
 
 from __future__ import annotations
 

@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     model.add_argument("--rotary-base", type=int, default=10000, help="rope's base period")
     model.add_argument("--qk-layernorm", action="store_true", help="a norm on each head's queries and keys")
+    model.add_argument("--qk-layernorm-across-heads", action="store_true",
+                       help="with --qk-layernorm: RMS-normalise each token's whole query and key projections (all "
+                       "heads together, OLMoE's q_norm / k_norm) instead of each head (TP 1; not a Megatron-LM flag)")
+    model.add_argument("--add-qkv-bias", action="store_true",
+                       help="biases on the query, key and value projections only (Qwen2, GLM-4.5)")
+    model.add_argument("--rotary-percent", type=float, default=1.0,
+                       help="the fraction of each head rope rotates (its first part; GLM-4.5's partial_rotary_factor)")
     model.add_argument("--group-query-attention", action="store_true")
     model.add_argument("--num-query-groups", type=int, default=None,
                        help="key/value heads with --group-query-attention")
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLA: per-head query/key width that rope rotates")
     model.add_argument("--v-head-dim", type=int, default=128, help="MLA: per-head value width")
     model.add_argument("--disable-bias-linear", action="store_true",
-                       help="accepted for Megatron compatibility; this job never uses linear biases")
+                       help="accepted for Megatron compatibility; this job's only linear biases are --add-qkv-bias's")
     model.add_argument("--hidden-dropout", type=float, default=0.0)
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--init-method-std", type=float, default=0.02)
@@ -364,6 +371,19 @@ def check_moe_flags(args: argparse.Namespace) -> None:
     if args.multi_latent_attention and args.position_embedding_type != "rope":
         raise GranularMoEConfigError(
             f"--multi-latent-attention needs --position-embedding-type rope (got {args.position_embedding_type})")
+    if args.qk_layernorm_across_heads and not (args.qk_layernorm and args.normalization == "RMSNorm"):
+        raise GranularMoEConfigError("--qk-layernorm-across-heads needs --qk-layernorm and --normalization RMSNorm (it "
+                                     "RMS-normalises the whole query and key projections)")
+    if args.qk_layernorm_across_heads and (args.tensor_model_parallel_size != 1 or args.multi_latent_attention):
+        raise GranularMoEConfigError(
+            "--qk-layernorm-across-heads needs --tensor-model-parallel-size 1 and standard attention (its norm spans "
+            f"every head; got TP {args.tensor_model_parallel_size}"
+            + (", --multi-latent-attention)" if args.multi_latent_attention else ")"))
+    if args.add_qkv_bias and args.multi_latent_attention:
+        raise GranularMoEConfigError("--add-qkv-bias goes with standard attention, not --multi-latent-attention")
+    if args.rotary_percent != 1.0 and (args.position_embedding_type != "rope" or args.multi_latent_attention):
+        raise GranularMoEConfigError(f"--rotary-percent {args.rotary_percent:g} needs --position-embedding-type rope "
+                                     "and standard attention (multi-latent attention has --qk-pos-emb-head-dim)")
     if args.multi_latent_attention and args.group_query_attention:
         raise GranularMoEConfigError("--multi-latent-attention and --group-query-attention exclude each other: MLA "
                                      "compresses keys and values into one latent instead")
@@ -453,6 +473,7 @@ VALUE_RANGES = {
                     ValueRange(0, 1, highest_excluded=True)),
     **dict.fromkeys(("--norm-epsilon", "--adam-eps", "--moe-router-topk-scaling-factor"),
                     ValueRange(0, lowest_excluded=True)),
+    "--rotary-percent": ValueRange(0, 1, lowest_excluded=True),
 }
 
 

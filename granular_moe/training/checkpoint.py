@@ -46,7 +46,8 @@ ARCHITECTURE_FLAGS = (
     "padded_vocab_size", "num_experts", "moe_granularity", "moe_router_topk", "moe_ffn_hidden_size",
     "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
     "qk_layernorm", "group_query_attention", "num_query_groups", "kv_channels", "multi_latent_attention",
-    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "add_qkv_bias",
+    "rotary_percent", "qk_layernorm_across_heads",
 )
 
 

@@ -64,6 +64,25 @@ def read_manifest(directory: Path) -> dict[str, str]:
     return files
 
 
+def write_manifest(directory: Path, known: Optional[dict[str, str]] = None, threads: Optional[int] = None) -> None:
+    """megatron-core's ``save_integrity_manifest``, the same bytes: ``integrity.json`` over every other file of
+    ``directory``, sorted by name. ``known`` holds the digests of files their writers already hashed (while the
+    bytes were in their page cache, in parallel); the other files are hashed here, on ``threads`` threads."""
+    directory = Path(directory)
+    known = known or {}
+    names = sorted(entry.name for entry in directory.iterdir() if entry.is_file() and entry.name != INTEGRITY_FILE)
+    strangers = sorted(set(known) - set(names))
+    if strangers:
+        raise CheckpointError(f"{directory}: digests given for files it does not hold: {strangers}")
+    missing = [name for name in names if name not in known]
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing) or 1))) as pool:
+        hashed = dict(zip(missing, pool.map(lambda name: file_digest(directory / name), missing)))
+    with open(directory / INTEGRITY_FILE, "w") as handle:
+        json.dump({"algorithm": ALGORITHM, "files": {name: known.get(name) or hashed[name] for name in names}},
+                  handle, indent=2)
+
+
 def manifest_digest(directory: Path) -> str:
     """The SHA-256 of the checkpoint's ``integrity.json`` (which names the digest of every other file)."""
     return file_digest(Path(directory) / INTEGRITY_FILE)

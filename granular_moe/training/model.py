@@ -46,6 +46,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=False,
+        add_qkv_bias=getattr(args, "add_qkv_bias", False),
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
@@ -162,6 +163,42 @@ def with_latent_core_attention(block: TransformerBlockSubmodules) -> Transformer
     return dataclasses.replace(block, layer_specs=[swap(spec) for spec in block.layer_specs])
 
 
+class _ProjectionRMSNorm(torch.nn.RMSNorm):
+    """megatron-core's query/key norm slot, filled with an RMSNorm over each token's whole projection (all its
+    heads together, as OLMoE's ``q_norm`` / ``k_norm``) instead of each head: megatron-core 0.19 normalises
+    ``[sq, b, heads, head_dim]`` over the last dimension only. One tensor-parallel rank holds every head
+    (``--qk-layernorm-across-heads`` needs TP 1), so the norm's weight is the whole ``heads x head_dim``."""
+
+    heads_field = "num_attention_heads"
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(getattr(config, self.heads_field) * hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(*x.shape[:-2], -1)).view_as(x)
+
+
+class QueryProjectionRMSNorm(_ProjectionRMSNorm):
+    heads_field = "num_attention_heads"
+
+
+class KeyProjectionRMSNorm(_ProjectionRMSNorm):
+    heads_field = "num_query_groups"
+
+
+def with_projection_qk_norms(block: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    """``block`` with its query/key norms over each token's whole projection (``--qk-layernorm-across-heads``)."""
+
+    def swap(spec):
+        attention = spec.submodules.self_attention
+        submodules = dataclasses.replace(attention.submodules, q_layernorm=QueryProjectionRMSNorm,
+                                         k_layernorm=KeyProjectionRMSNorm)
+        attention = dataclasses.replace(attention, submodules=submodules)
+        return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+    return dataclasses.replace(block, layer_specs=[swap(spec) for spec in block.layer_specs])
+
+
 def virtual_pipeline_size(args: argparse.Namespace):
     """Model chunks per pipeline rank for ``--num-layers-per-virtual-pipeline-stage`` (None: one)."""
     per_chunk = args.num_layers_per_virtual_pipeline_stage
@@ -191,6 +228,8 @@ def build_model_chunks(args: argparse.Namespace, config: TransformerConfig, voca
             block = with_sequence_parallel_norms(block)
         if config.multi_latent_attention:
             block = with_latent_core_attention(block)
+        if getattr(args, "qk_layernorm_across_heads", False):
+            block = with_projection_qk_norms(block)
         model = GPTModel(
             config,
             block,
@@ -201,6 +240,7 @@ def build_model_chunks(args: argparse.Namespace, config: TransformerConfig, voca
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
+            rotary_percent=getattr(args, "rotary_percent", 1.0),
             vp_stage=vp_stage,
         )
         for param in model.parameters():

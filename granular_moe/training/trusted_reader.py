@@ -153,13 +153,21 @@ class TrustedFileSystemReader(FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    _checked_metadata = None  # the metadata whose shard names were last checked (a reader reused for many reads)
+
     def set_up_storage_reader(self, metadata, is_coordinator: bool, *args, **kwargs) -> None:
-        for info in (metadata.storage_data or {}).values():
-            name = info.relative_path
-            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-                raise UntrustedCheckpointError(
-                    f"{self._get_metadata_path()}: names {name!r} as a shard; shards are files inside the "
-                    "checkpoint's folder")
+        if metadata is not self._checked_metadata:
+            checked = set()  # entries share a few files: each name checked once
+            for info in (metadata.storage_data or {}).values():
+                name = info.relative_path
+                if isinstance(name, str) and name in checked:
+                    continue
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise UntrustedCheckpointError(
+                        f"{self._get_metadata_path()}: names {name!r} as a shard; shards are files inside the "
+                        "checkpoint's folder")
+                checked.add(name)
+            self._checked_metadata = metadata
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
 
     def read_data(self, plan, planner):
