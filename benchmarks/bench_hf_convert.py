@@ -8,13 +8,14 @@ family's own mappings), which ``import-hf`` converts to a checkpoint and ``expor
 largest resident set of any of its processes (the kernel's ``ru_maxrss``), and the sum of the proportional
 sets (``Pss``: pages forked workers share count once) over the conversion's processes (coordinator and
 workers), sampled every 50 ms. Time: wall seconds per process (the start, imports included, is a fixed part of
-it), and a least-squares line ``wall = start + per_tensor x tensors`` over the depths for each conversion and
-worker count, with its largest relative residual. ``--whole`` adds the export as it was before
-streaming (the whole model loaded by megatron-core at TP = PP = EP = 1 and converted at once), for contrast.
+it; ``--repeats``: the median of several runs), and a least-squares line ``wall = start + per_tensor x
+tensors`` over the depths for each conversion and worker count, with its largest relative residual.
+``--whole`` adds the export as it was before streaming (the whole model loaded by megatron-core at TP = PP =
+EP = 1 and converted at once), for contrast.
 
 Prints a table and writes ``hf_convert.json``::
 
-    python benchmarks/bench_hf_convert.py --out benchmarks/results
+    python benchmarks/bench_hf_convert.py --whole --repeats 3 --out benchmarks/results
     python benchmarks/bench_hf_convert.py --layers 2 3 --hidden 64 --experts 4 --width 32 --workers 1 --no-wide
 """
 
@@ -129,6 +130,18 @@ def measure(argv: list[str]) -> dict:
             "peak_sum_pss_mb": round(peak[0] / 2**20, 1)}
 
 
+def measure_repeated(argv: list[str], repeats: int, output: Path) -> dict:
+    """:func:`measure` ``repeats`` times (``output`` removed before each run): the median wall time, the largest
+    peaks, and every run's wall time."""
+    runs = []
+    for _ in range(repeats):
+        shutil.rmtree(output, ignore_errors=True)
+        runs.append(measure(argv))
+    walls = sorted(run["wall_s"] for run in runs)
+    return {"wall_s": walls[len(walls) // 2], "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "peak_sum_pss_mb": max(run["peak_sum_pss_mb"] for run in runs), "walls_s": [run["wall_s"] for run in runs]}
+
+
 def linear_fits(rows: list[dict], hidden: int) -> list[dict]:
     """``wall = start + per_tensor x tensors`` by least squares over the depths (the models ``hidden`` wide), for
     each conversion and worker count with two or more depths."""
@@ -159,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-wide", dest="wide", action="store_false")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--max-shard-size", default="50MB")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each conversion: the median wall time and the largest peaks are reported")
     parser.add_argument("--whole", action="store_true", help="also the export with the whole model in memory")
     parser.add_argument("--tokenizer-model", type=Path, default=None,
                         help="SentencePiece model for the export (default: the embedded corpus's, 2048 pieces)")
@@ -184,19 +199,20 @@ def main(argv=None) -> int:
                      "tensors": tensors, "mb": round(nbytes / 1e6, 1)}
             for workers in args.workers:
                 save, output = root / f"ckpt-{layers}-{hidden}-{workers}", root / f"out-{layers}-{hidden}-{workers}"
-                imported = measure([*python, "import-hf", "--model", str(folder), "--save", str(save),
-                                    "--workers", str(workers)])
+                imported = measure_repeated([*python, "import-hf", "--model", str(folder), "--save", str(save),
+                                             "--workers", str(workers)], args.repeats, save)
                 rows.append({"what": "import-hf", **shape, "workers": workers, **imported})
-                exported = measure([*python, "export-hf", "--load", str(save), "--output", str(output),
-                                    "--max-shard-size", args.max_shard_size, "--tokenizer-model", str(tokenizer),
-                                    "--workers", str(workers)])
+                exported = measure_repeated([*python, "export-hf", "--load", str(save), "--output", str(output),
+                                             "--max-shard-size", args.max_shard_size, "--tokenizer-model",
+                                             str(tokenizer), "--workers", str(workers)], args.repeats, output)
                 rows.append({"what": "export-hf", **shape, "workers": workers, **exported})
                 shutil.rmtree(output)
                 if workers != args.workers[0]:
                     shutil.rmtree(save)
             if args.whole:
                 save = root / f"ckpt-{layers}-{hidden}-{args.workers[0]}"
-                whole = measure([sys.executable, "-c", WHOLE_EXPORT, str(save), str(root / "whole.safetensors")])
+                whole = measure_repeated([sys.executable, "-c", WHOLE_EXPORT, str(save),
+                                          str(root / "whole.safetensors")], args.repeats, root / "whole.safetensors")
                 rows.append({"what": "export, whole model (before streaming)", **shape, "workers": 1, **whole})
                 (root / "whole.safetensors").unlink()
             shutil.rmtree(root / f"ckpt-{layers}-{hidden}-{args.workers[0]}", ignore_errors=True)

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hf_convert.p
 
 def test_the_conversion_benchmark_measures_import_and_export(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(BENCH), "--layers", "2", "--hidden", "64", "--experts", "4", "--width", "32",
-                                      "--workers", "1", "--no-wide", "--out", str(tmp_path)])
+                                      "--workers", "1", "--no-wide", "--repeats", "2", "--out", str(tmp_path)])
     monkeypatch.syspath_prepend(str(BENCH.parent))
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(BENCH), run_name="__main__")
@@ -23,6 +23,7 @@ def test_the_conversion_benchmark_measures_import_and_export(tmp_path, monkeypat
     for row in result["rows"]:
         assert row["tensors"] == 2 * (9 + 4 * 3) + 3 and row["wall_s"] > 0  # per layer 9 + 4 experts' 3; 3 more
         assert row["peak_rss_mb"] > 100 and row["peak_sum_pss_mb"] > 0
+        assert len(row["walls_s"]) == 2 and min(row["walls_s"]) <= row["wall_s"] <= max(row["walls_s"])
     assert result["provenance"]["cpu_count"] >= 1 and "import-hf" in capsys.readouterr().out
 
 
