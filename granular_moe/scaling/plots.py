@@ -86,7 +86,7 @@ def plot_loss_vs_budget(path: Path, law: ScalingLaw = MOE_E64, low: float = 1e18
 
 
 def plot_loss_vs_time(path: Path, tables: Sequence[StepTimeTable], max_gpu_hours: float, points: int = 40) -> Path:
-    """Predicted loss against device-hours for every measured (model, ``G``): the slides' loss-vs-time view."""
+    """Predicted loss against device-hours for every measured (model, ``G``): loss against time, not FLOPs."""
     hours = np.logspace(np.log10(max_gpu_hours) - 2, np.log10(max_gpu_hours), points)
     curves: dict[tuple[str, int], list[float]] = {}
     for budget in hours:

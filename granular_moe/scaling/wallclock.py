@@ -3,8 +3,8 @@ times (``benchmarks/bench_step_time.py``) instead of the paper's FLOPs model.
 
 A larger ``G`` costs more per step (routing, token shuffle, many small GEMMs), so in a fixed time it sees
 fewer tokens: ``D(G) = seconds x tokens/s(G)``. With the model size ``N`` fixed (granularity does not change
-it), the planner predicts ``L(N, D(G), G)`` with the paper's law and picks the ``G`` of lowest loss: the
-"loss vs time" view of the granularity slides. A step-time file measures one model on one parallel layout;
+it), the planner predicts ``L(N, D(G), G)`` with the paper's law and picks the ``G`` of lowest loss: loss
+against time rather than FLOPs. A step-time file measures one model on one parallel layout;
 give several to compare model sizes too.
 """
 
