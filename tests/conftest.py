@@ -7,6 +7,17 @@ import pytest
 import torch.distributed as dist
 
 
+# What torchrun and torch.distributed read as a process's place in a job: the test session's gloo world sets
+# MASTER_ADDR / MASTER_PORT for itself, so a job started from a test must not inherit them.
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "TORCHELASTIC_RUN_ID", "NPROC_PER_NODE", "GROUP_RANK")
+
+
+def without_rendezvous() -> dict:
+    """This process's environment without :data:`RENDEZVOUS_VARIABLES`, for a job a test starts."""
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

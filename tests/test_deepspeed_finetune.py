@@ -3,20 +3,18 @@ processes, a Hugging Face model folder in, a Hugging Face folder out), its refus
 vs DeepSpeed MoE benchmark at a toy size."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import without_rendezvous
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "launch_scripts" / "deepspeed_finetune_hf_moe.sh"
-# an outer launcher's variables would change what torchrun does
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "TORCHELASTIC_RUN_ID", "NPROC_PER_NODE", "GROUP_RANK")
 
 
 def run(command, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env = without_rendezvous()  # an outer launcher's variables would change what torchrun does
     env.update(PYTHON=sys.executable, DS_ACCELERATOR="cpu")
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 

@@ -7,24 +7,20 @@ a folder whose transformers logits equal the megatron-core model's (loaded by th
 checkpoint), and verify-hf passes. Needs MEGATRON_LM_DIR (skipped without it, as tests/test_megatron_lm.py)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from granular_moe.cli import main as cli
 from test_hf import TOLERANCE, corpus, hf_logits
-from test_megatron_lm import MEGATRON_LM_DIR, NEEDS_CHECKOUT, PATCH, ROOT
+from test_megatron_lm import MEGATRON_LM_DIR, NEEDS_CHECKOUT, pretrain_gpt_folder, run_script
 
 SAVE_SCRIPT = textwrap.dedent('''
     """Megatron-LM's pretrain_gpt.py __main__ (patched, or through the wrapper), pretrain replaced by: build the
     model from the config pretrain_gpt.py made, move its norms and expert bias off their initial values, save it
     with Megatron-LM's save_checkpoint."""
-    import os, runpy, sys, warnings
+    import sys, warnings
     warnings.simplefilter("ignore")
     mode, checkout, first, save = sys.argv[1:5]
     FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
@@ -42,27 +38,13 @@ SAVE_SCRIPT = textwrap.dedent('''
              "--use-cpu-initialization", "--mock-data", "--train-iters", "1", "--ckpt-format", "torch_dist",
              "--save", save, "--save-interval", "1", "--no-save-optim", "--no-save-rng", "--verify-integrity"]
     import torch
-    import torch.distributed as dist
-    import megatron.training
-    from granular_moe.megatron import megatron_lm
-    from granular_moe.megatron.cpu_shims import TorchOnCpu, apply_cpu_shims
-    from granular_moe.training.distributed import distributed_env
+    from megatron_lm_driver import build_model, run_pretrain_gpt
 
 
     def pretrain(full_config, *args, **kwargs):
-        from megatron.core import parallel_state, tensor_parallel
-        from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.training import checkpointing
 
-        checkpointing.torch = TorchOnCpu()
-        torch.cuda.get_rng_state = torch.get_rng_state
-        dist.init_process_group("gloo", init_method=distributed_env().init_method, rank=0, world_size=1)
-        apply_cpu_shims()
-        parallel_state.initialize_model_parallel()
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-        model_config = full_config.model
-        model = model_config.get_builder_cls()(model_config).build_model(
-            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        model = build_model(full_config, cpu_checkpointing=True)
         torch.manual_seed(0)
         with torch.no_grad():
             for name, tensor in model.state_dict().items():
@@ -71,13 +53,7 @@ SAVE_SCRIPT = textwrap.dedent('''
         checkpointing.save_checkpoint(1, [model], None, None, 0)
 
 
-    megatron.training.pretrain = pretrain
-    if mode == "patched":
-        sys.path[:0] = [first, checkout]
-        sys.argv = [os.path.join(first, "pretrain_gpt.py"), *FLAGS]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    else:
-        megatron_lm.main(["--megatron-lm-dir", checkout, *FLAGS])
+    run_pretrain_gpt(mode, checkout, first, FLAGS, pretrain)
 ''')
 
 
@@ -86,21 +62,8 @@ SAVE_SCRIPT = textwrap.dedent('''
 def test_a_megatron_lm_checkpoint_exports_as_the_main_jobs_do(gloo_world, mode, tmp_path, capsys):
     from granular_moe.hf.megatron_io import load_model, megatron_logits
 
-    checkout = Path(MEGATRON_LM_DIR)
-    first = checkout
-    if mode == "patched":
-        applied = subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)],
-                                 capture_output=True).returncode == 0
-        if not applied:
-            (tmp_path / "pretrain_gpt.py").write_text((checkout / "pretrain_gpt.py").read_text())
-            subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
-            first = tmp_path
-    path = os.pathsep.join([str(checkout), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     save = tmp_path / "mlm"
-    done = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, mode, str(checkout), str(first), str(save)],
-                          env={**env, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SAVE_SCRIPT, [mode, MEGATRON_LM_DIR, pretrain_gpt_folder(mode, tmp_path), save], tmp_path)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert (save / "iter_0000001" / "integrity.json").is_file()  # Megatron-LM's --verify-integrity manifest
 

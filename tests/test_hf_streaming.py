@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, without_rendezvous
 from distributed import run_distributed
 from granular_moe.cli import main as cli
 from granular_moe.hf.export import export_hf
@@ -173,10 +173,9 @@ def test_workers_and_torchrun_ranks_write_the_checkpoint_one_worker_writes(qwen2
 
 def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
     """``granular-moe ARGV`` on two ranks started by torchrun (``torch.distributed.run``)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), "-m", "granular_moe.cli", *argv], env=env, capture_output=True,
-                          text=True, timeout=300)
+                           str(free_port()), "-m", "granular_moe.cli", *argv], env=without_rendezvous(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

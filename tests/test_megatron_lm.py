@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from megatron.core.transformer.mlp import MLP
 
+from conftest import without_rendezvous
 from granular_moe.config import GranularMoEConfigError
 from granular_moe.megatron import megatron_lm
 from granular_moe.megatron.megatron_lm import (
@@ -358,7 +359,7 @@ def test_patch_applies_to_the_text_it_expects(tmp_path):
 CHECKOUT_SCRIPT = textwrap.dedent('''
     """Megatron-LM's pretrain_gpt.py __main__ (patched, or through the wrapper) with pretrain stopped once
     Megatron-LM's GPTModelBuilder has built the model from the config pretrain_gpt.py made."""
-    import json, os, runpy, sys, warnings
+    import json, sys, warnings
     warnings.simplefilter("ignore")
     mode, checkout, first = sys.argv[1:4]
     FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-experts", "4",
@@ -368,41 +369,49 @@ CHECKOUT_SCRIPT = textwrap.dedent('''
              "--moe-router-type", "expert_choice", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
              "--no-masked-softmax-fusion", "--no-bias-dropout-fusion", "--use-cpu-initialization", "--mock-data",
              "--train-iters", "1"]
-    import torch.distributed as dist
-    import megatron.training
     from granular_moe import GranularMoELayer
-    from granular_moe.megatron import megatron_lm
-    from granular_moe.megatron.cpu_shims import apply_cpu_shims
-    from granular_moe.training.distributed import distributed_env
+    from megatron_lm_driver import build_model, run_pretrain_gpt
 
 
     def pretrain(full_config, *args, **kwargs):
-        from megatron.core import parallel_state, tensor_parallel
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        dist.init_process_group("gloo", init_method=distributed_env().init_method, rank=0, world_size=1)
-        apply_cpu_shims()
-        parallel_state.initialize_model_parallel()
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-        model_config = full_config.model
-        model = model_config.get_builder_cls()(model_config).build_model(
-            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        model = build_model(full_config)
+        transformer = full_config.model.transformer
         layers = [m for m in model.modules() if isinstance(m, GranularMoELayer)]
-        print(json.dumps({"experts": model_config.transformer.num_moe_experts,
-                          "topk": model_config.transformer.moe_router_topk, "layers": len(layers),
-                          "router": layers[0].router_type, "weight1": list(layers[0].experts.weight1.shape)}))
+        print(json.dumps({"experts": transformer.num_moe_experts, "topk": transformer.moe_router_topk,
+                          "layers": len(layers), "router": layers[0].router_type,
+                          "weight1": list(layers[0].experts.weight1.shape)}))
 
 
-    megatron.training.pretrain = pretrain
-    if mode == "patched":
-        sys.path[:0] = [first, checkout]
-        sys.argv = [os.path.join(first, "pretrain_gpt.py"), *FLAGS]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    else:
-        megatron_lm.main(["--megatron-lm-dir", checkout, *FLAGS])
+    run_pretrain_gpt(mode, checkout, first, FLAGS, pretrain)
 ''')
 NEEDS_CHECKOUT = pytest.mark.skipif(MEGATRON_LM_DIR is None,
                                     reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.19.0 checkout")
+
+
+def pretrain_gpt_folder(mode: str, tmp_path: Path) -> Path:
+    """Where the ``patched`` route finds a patched pretrain_gpt.py: the checkout when the patch is applied to
+    it, else a patched copy in ``tmp_path`` (the checkout itself for the ``wrapper`` route)."""
+    checkout = Path(MEGATRON_LM_DIR)
+    if mode != "patched":
+        return checkout
+    applied = subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)],
+                             capture_output=True).returncode == 0
+    if applied:
+        return checkout
+    (tmp_path / "pretrain_gpt.py").write_text((checkout / "pretrain_gpt.py").read_text())
+    subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
+    return tmp_path
+
+
+def run_script(script: str, argv: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``script`` (importing the checkout, this package and tests/megatron_lm_driver.py) as its own process,
+    outside the test session's process group; an assertion naming its error when it fails."""
+    path = os.pathsep.join([MEGATRON_LM_DIR, str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script, *map(str, argv)],
+                            env={**without_rendezvous(), "PYTHONPATH": path},
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @NEEDS_CHECKOUT
@@ -418,21 +427,7 @@ def test_patch_applies_to_the_checkout():
 @NEEDS_CHECKOUT
 @pytest.mark.parametrize("mode", ["patched", "wrapper"])
 def test_megatron_lm_builds_a_granular_gpt(mode, tmp_path):
-    checkout = Path(MEGATRON_LM_DIR)
-    first = checkout
-    if mode == "patched":
-        already = subprocess.run(["git", "-C", str(checkout), "apply", "--check", "--reverse", str(PATCH)],
-                                 capture_output=True).returncode == 0
-        if not already:
-            (tmp_path / "pretrain_gpt.py").write_text((checkout / "pretrain_gpt.py").read_text())
-            subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
-            first = tmp_path
-    path = os.pathsep.join([str(checkout), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", CHECKOUT_SCRIPT, mode, str(checkout), str(first)],
-                            env={**env, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(CHECKOUT_SCRIPT, [mode, MEGATRON_LM_DIR, pretrain_gpt_folder(mode, tmp_path)], tmp_path)
     built = json.loads(result.stdout.strip().splitlines()[-1])
     assert built == {"experts": 16, "topk": 4, "layers": 2, "router": "expert_choice", "weight1": [16, 64, 64]}
 
@@ -454,30 +449,14 @@ INTERCHANGE_SCRIPT = textwrap.dedent('''
              "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--finetune",
              "--verify-integrity"]  # checks the main job's integrity.json, and records one for the main job
     import torch
-    import torch.distributed as dist
-    import megatron.training
     from granular_moe import GranularMoELayer
-    from granular_moe.megatron import megatron_lm
-    from granular_moe.megatron.cpu_shims import TorchOnCpu, apply_cpu_shims
-    from granular_moe.training.distributed import distributed_env
+    from megatron_lm_driver import build_model, run_pretrain_gpt
 
 
     def pretrain(full_config, *args, **kwargs):
-        from megatron.core import parallel_state, tensor_parallel
-        from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.training import checkpointing
 
-        # Megatron-LM needs a GPU: on this CPU its checkpointing module gets the CPU torch megatron-core's modules
-        # get from the shims, and reads the CPU generator where it reads the CUDA one (not saved: --no-save-rng)
-        checkpointing.torch = TorchOnCpu()
-        torch.cuda.get_rng_state = torch.get_rng_state
-        dist.init_process_group("gloo", init_method=distributed_env().init_method, rank=0, world_size=1)
-        apply_cpu_shims()
-        parallel_state.initialize_model_parallel()
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-        model_config = full_config.model
-        model = model_config.get_builder_cls()(model_config).build_model(
-            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        model = build_model(full_config, cpu_checkpointing=True)
         checkpointing.load_checkpoint([model], None, None)
         weights = {name: p.detach().double().sum().item() for name, p in model.named_parameters()}
         with torch.no_grad():
@@ -488,8 +467,7 @@ INTERCHANGE_SCRIPT = textwrap.dedent('''
         print(json.dumps({"weights": weights, "granular": granular}))
 
 
-    megatron.training.pretrain = pretrain
-    megatron_lm.main(["--megatron-lm-dir", checkout, *FLAGS])
+    run_pretrain_gpt("wrapper", checkout, checkout, FLAGS, pretrain)
 ''')
 MAIN_JOB = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
             "--num-experts", "4", "--moe-router-topk", "1", "--moe-granularity", "4", "--ffn-hidden-size", "128",
@@ -527,12 +505,7 @@ def test_checkpoints_interchange_with_megatron_lm(tmp_path):
     from distributed import run_distributed
 
     [saved] = run_distributed(main_job_weights, 1, MAIN_JOB + ["--train-iters", "2", "--save", str(tmp_path / "main")])
-    path = os.pathsep.join([MEGATRON_LM_DIR, str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERCHANGE_SCRIPT, MEGATRON_LM_DIR, str(tmp_path / "main"), str(tmp_path / "mlm")],
-        env={**env, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(INTERCHANGE_SCRIPT, [MEGATRON_LM_DIR, tmp_path / "main", tmp_path / "mlm"], tmp_path)
     megatron = json.loads(result.stdout.strip().splitlines()[-1])
     assert megatron["granular"] == 2 and megatron["weights"].keys() == saved.keys()
     for name, value in saved.items():

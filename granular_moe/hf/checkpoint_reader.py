@@ -72,6 +72,21 @@ class _ChunkPlanner(LoadPlanner):
         pass
 
 
+def open_checkpoint(load: Path, verify: bool, share: tuple[int, int] = (0, 1)) -> tuple[Path, object, dict]:
+    """The checkpoint a conversion reads: ``(directory, the arguments it was saved with, its content
+    metadata)``, from one read of its common state, after its files (``share`` of them: this rank's) are checked
+    against their digests when ``verify``. ``load``: a ``--save`` folder (its newest) or one iteration folder."""
+    from granular_moe.training.checkpoint import checkpoint_folder, read_saved
+
+    directory = checkpoint_folder(load)
+    if verify:
+        from granular_moe.training.checkpoint_integrity import verify_checkpoint
+
+        verify_checkpoint(directory, share=share)
+    saved, stored = read_saved(directory)
+    return directory, saved, stored
+
+
 class CheckpointReader:
     """The one-process model's tensors (``tensors``: the layout of :func:`~granular_moe.hf.skeleton.
     checkpoint_layout`) from the checkpoint in ``directory``, a few at a time (:meth:`read`)."""

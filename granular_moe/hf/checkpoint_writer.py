@@ -110,7 +110,8 @@ def finish(directory: Path, layout: Layout, results: list[tuple], digests: Optio
 
     from granular_moe.training.checkpoint_integrity import write_manifest
 
-    _, metadata = create_default_global_save_plan([SavePlan(_write_items(layout))], rewrite_index_hints=False)
+    items = _write_items(layout)
+    _, metadata = create_default_global_save_plan([SavePlan(items)], rewrite_index_hints=False)
     metadata = Metadata(state_dict_metadata=metadata.state_dict_metadata, version=CURRENT_DCP_VERSION,
                         storage_meta=StorageMeta())
     # one string object per key and file name, whichever process reported it: pickle writes a repeated object
@@ -122,7 +123,7 @@ def finish(directory: Path, layout: Layout, results: list[tuple], digests: Optio
         key, name = keys[key], names.setdefault(name, name)
         index = MetadataIndex(key) if offsets is None else MetadataIndex(key, torch.Size(offsets))
         storage[index] = _StorageInfo(name, start, length)
-    expected = {item.index for item in _write_items(layout)}
+    expected = {item.index for item in items}
     if set(storage) != expected:
         raise RuntimeError(f"{directory}: {len(expected - set(storage))} checkpoint entries were not written")
     metadata.storage_data = storage

@@ -67,8 +67,8 @@ def hf_sizes(mappings: list[Mapping], dtype: torch.dtype) -> dict[str, int]:
     return out
 
 
-def write_shards(plan: ExportPlan, index: int, count: int) -> int:
-    """Write shards ``index, index + count, ...`` of ``plan`` into its staging folder; the bytes written."""
+def write_shards(plan: ExportPlan, index: int, count: int) -> None:
+    """Write shards ``index, index + count, ...`` of ``plan`` into its staging folder."""
     from safetensors.torch import save_file
 
     from granular_moe.hf.checkpoint_reader import CheckpointReader
@@ -76,7 +76,7 @@ def write_shards(plan: ExportPlan, index: int, count: int) -> int:
     reader = CheckpointReader(plan.directory, plan.tensors)
     mappings = export_mappings(plan)
     owner = {name: number for number, mapping in enumerate(mappings) for name in mapping.hf_shapes()}
-    cached, converted, written = None, {}, 0
+    cached, converted = None, {}
     for shard in range(index, len(plan.shards), count):
         tensors = {}
         for name in plan.shards[shard]:
@@ -88,9 +88,7 @@ def write_shards(plan: ExportPlan, index: int, count: int) -> int:
             dtype = mappings[number].hf_dtype(name) or plan.dtype
             tensors[name] = converted[name].to(dtype).contiguous()
         save_file(tensors, str(plan.staging / shard_name(shard, len(plan.shards))), metadata={"format": "pt"})
-        written += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-    return written
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -101,6 +99,11 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise HfExportError(f"--output {output}: the folder it goes in, {output.parent}, does not exist")
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("auto", *DTYPES):
+        raise HfExportError(f"--dtype {dtype!r} is not valid; valid values: auto, {', '.join(DTYPES)}")
+
+
 def _staging(output: Path, ranks: Ranks) -> Path:
     name = f".{output.name}.tmp-{os.getpid()}" if ranks.coordinator else None
     return output.with_name(ranks.broadcast("staging", name))
@@ -109,28 +112,18 @@ def _staging(output: Path, ranks: Ranks) -> Path:
 def prepare(load: Path, target: str, dtype: str, verify: bool, ranks: Ranks):
     """Every check of the checkpoint and the target, then the plan's inputs: ``(directory, args, target,
     dtype name, layout tensors)``."""
+    from granular_moe.hf.checkpoint_reader import open_checkpoint
     from granular_moe.hf.megatron_io import one_process_args, single_process_world
     from granular_moe.hf.skeleton import checkpoint_layout, sharding_metadata, skeleton
-    from granular_moe.training.checkpoint import read_checkpoint, require_checkpoint
 
-    load = Path(load)
-    directory = load if (load / "metadata.json").is_file() else require_checkpoint(load)
-    if verify:
-        from granular_moe.training.checkpoint_integrity import verify_checkpoint
-
-        verify_checkpoint(directory, share=(ranks.rank, ranks.world))
-    args = one_process_args(read_checkpoint(directory))
+    directory, saved, stored = open_checkpoint(load, verify, (ranks.rank, ranks.world))
+    args = one_process_args(saved)
     target = choose_target(args, target)  # every refusal before any work
-    if dtype not in ("auto", *DTYPES):
-        raise HfExportError(f"--dtype {dtype!r} is not valid; valid values: auto, {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     if dtype == "auto":
         dtype = getattr(args, "hf_dtype", None) or ("bfloat16" if args.bf16 else "float32")
-    from megatron.core import dist_checkpointing
-
     with single_process_world():
-        model = skeleton(args, args.padded_vocab_size)
-        stored = dist_checkpointing.load_content_metadata(str(directory)) or {}
-        layout = checkpoint_layout(model, args, sharding_metadata(args, stored))
+        layout = checkpoint_layout(skeleton(args, args.padded_vocab_size), args, sharding_metadata(args, stored))
     return directory, args, target, dtype, layout.tensors
 
 
@@ -237,15 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         target, output = export_hf(args.load, args.output, args.target, tokenizer_model=args.tokenizer_model,
                                    dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                                    verify=args.verify, workers=args.workers)
     except GranularMoEConfigError as error:
-        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
+        if rank0:  # once, not once per rank
             print(f"export-hf: error: {error}", file=sys.stderr, flush=True)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         print(f"export-hf: wrote {output} ({target}); load it with transformers.AutoModelForCausalLM.from_pretrained"
               f"({str(output)!r})", flush=True)
     return 0

@@ -51,8 +51,7 @@ def available_memory_bytes() -> int:
 def check_memory(folder: Path, mappings: list[Mapping], headers: dict[str, Header], workers: int = 1) -> None:
     """Refuse a model whose largest group cannot be converted in this machine's memory (by ``workers``
     processes at once), naming its largest tensor's sizes and the config keys they come from."""
-    element = max((header.nbytes // max(1, torch.Size(header.shape).numel()) for header in headers.values()),
-                  default=4)
+    element = max((header.element_bytes for header in headers.values()), default=4)
     largest = max(mappings, key=lambda mapping: group_bytes(mapping, element))
     needed = workers * group_bytes(largest, element)
     available = available_memory_bytes()

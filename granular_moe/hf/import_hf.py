@@ -100,11 +100,14 @@ def write_files(plan: ImportPlan, index: int, count: int) -> tuple[list, list[st
     return results, bad, digests
 
 
-def _hf_dtype(headers: dict[str, Header]) -> str:
-    """The folder's weights' dtype (the export writes it back): the one dtype of its tensors other than the
-    expert bias, else float32."""
-    dtypes = {TORCH_DTYPES.get(h.dtype) for name, h in headers.items() if not name.endswith("e_score_correction_bias")}
-    names = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+def _hf_dtype(headers: dict[str, Header], mappings: list) -> str:
+    """The folder's weights' dtype (the export writes it back): the one dtype of its tensors other than those
+    the family stores in a fixed dtype (the expert bias), else float32."""
+    from granular_moe.hf.export import DTYPES
+
+    fixed = {name for mapping in mappings for name in mapping.hf_shapes() if mapping.hf_dtype(name) is not None}
+    dtypes = {TORCH_DTYPES.get(h.dtype) for name, h in headers.items() if name not in fixed}
+    names = {dtype: name for name, dtype in DTYPES.items()}
     return names.get(next(iter(dtypes)), "float32") if len(dtypes) == 1 else "float32"
 
 
@@ -163,7 +166,7 @@ def import_hf(model_dir: Path, save: Path, *, allow_non_finite: bool = False, wo
     mappings = family.mappings(args, config.vocab_size)
     import_checks.check_memory(model_dir, mappings, headers, workers)
     import_checks.check_headers(model_dir, mappings, headers)
-    args.hf_dtype = _hf_dtype(headers)
+    args.hf_dtype = _hf_dtype(headers, mappings)
     if padded != config.vocab_size:
         args.hf_vocab_size = config.vocab_size
 

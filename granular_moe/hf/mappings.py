@@ -179,6 +179,12 @@ class QKV(Mapping):
         return {self.source: joined.reshape(-1, *tail)}
 
 
+def _gated_shapes(names: tuple[str, str, str], width: tuple[int, str], hidden: tuple[int, str]) -> dict[str, Shape]:
+    """A gated MLP's ``gate / up / down`` projections, ``[out, in]``."""
+    gate, up, down = names
+    return {gate: (width, hidden), up: (width, hidden), down: (hidden, width)}
+
+
 @dataclass(frozen=True)
 class Gated(Mapping):
     """A gated MLP: ``linear_fc1`` (``[gate; up]``) and ``linear_fc2`` as ``gate / up / down`` projections."""
@@ -199,8 +205,7 @@ class Gated(Mapping):
         return tuple(f"{self.prefix}{name}.weight" for name in self.names)
 
     def hf_shapes(self) -> dict[str, Shape]:
-        gate, up, down = self._hf()
-        return {gate: (self.width, self.hidden), up: (self.width, self.hidden), down: (self.hidden, self.width)}
+        return _gated_shapes(self._hf(), self.width, self.hidden)
 
     def to_hf(self, tensors):
         gate, up = tensors[self.fc1].chunk(2, dim=0)
@@ -237,9 +242,7 @@ class Experts(Mapping):
     def hf_shapes(self) -> dict[str, Shape]:
         shapes = {}
         for expert in range(self.count[0]):
-            gate, up, down = self._hf(expert)
-            shapes.update({gate: (self.width, self.hidden), up: (self.width, self.hidden),
-                           down: (self.hidden, self.width)})
+            shapes.update(_gated_shapes(self._hf(expert), self.width, self.hidden))
         return shapes
 
     def largest(self) -> tuple[str, Shape, int]:

@@ -71,10 +71,9 @@ def build_model(args: argparse.Namespace, padded_vocab_size: int):
 def load_model(load: Path, dtype: torch.dtype | None = None):
     """``(args, model)``: the newest checkpoint under ``load`` (the folder ``--load`` takes, or one
     ``iter_NNNNNNN`` folder) in a one-process model. Call inside :func:`single_process_world`."""
-    from granular_moe.training.checkpoint import load_checkpoint, read_checkpoint, require_checkpoint
+    from granular_moe.training.checkpoint import checkpoint_folder, load_checkpoint, read_checkpoint
 
-    load = Path(load)
-    directory = load if (load / "metadata.json").is_file() else require_checkpoint(load)
+    directory = checkpoint_folder(load)
     saved = read_checkpoint(directory)
     args = one_process_args(saved, dtype)
     model = build_model(args, saved.padded_vocab_size)

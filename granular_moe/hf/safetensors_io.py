@@ -5,7 +5,6 @@ folder's tensors read lazily (``safe_open``: headers without data, then one tens
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +73,8 @@ class Header:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_BYTES.get(self.dtype, 4)
+    def element_bytes(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 4)
 
 
 def safetensors_files(folder: Path, error=GranularMoEConfigError) -> list[str]:

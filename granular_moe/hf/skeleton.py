@@ -84,11 +84,9 @@ class Layout:
 
 def sharding_metadata(args: argparse.Namespace, stored: dict | None = None) -> dict:
     """The sharded-state-dict metadata the main job uses (the checkpoint's own ``stored`` over its defaults)."""
-    from granular_moe.training.checkpoint import _sharding_metadata
+    from granular_moe.training.checkpoint import _sharding_metadata, with_stored
 
-    metadata = dict(_sharding_metadata(args))
-    metadata.update({key: value for key, value in (stored or {}).items() if key != "dp_cp_group"})
-    return metadata
+    return with_stored(_sharding_metadata(args), stored)
 
 
 def checkpoint_layout(model, args: argparse.Namespace, metadata: dict) -> Layout:

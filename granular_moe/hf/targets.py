@@ -16,7 +16,6 @@ from granular_moe.config import GranularMoEConfigError
 from granular_moe.hf.families import FAMILIES, Family
 
 TARGETS = tuple(FAMILIES)
-ARCHITECTURES = {name: family.architecture for name, family in FAMILIES.items()}
 TARGET_NAMES = {name: family.title for name, family in FAMILIES.items()}
 
 

@@ -41,6 +41,14 @@ def _layer_of(name: str, prefix: str) -> int | None:
     return int(name[len(prefix):].split(".", 1)[0])
 
 
+def _by_layer(names, prefix: str) -> dict[int | None, list[str]]:
+    """``names`` grouped by decoder layer (None: outside the layers), once, before the hooks run."""
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(_layer_of(name, prefix), []).append(name)
+    return groups
+
+
 def _output(value) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
@@ -48,22 +56,13 @@ def _output(value) -> torch.Tensor:
 def megatron_side(load: Path, verify: bool):
     """The checkpoint's one-process model (parameters on meta, fp32) with each layer loaded as it runs, and a
     function giving its logits and per-layer outputs for token ids."""
-    from megatron.core import dist_checkpointing
-
-    from granular_moe.hf.checkpoint_reader import CheckpointReader
+    from granular_moe.hf.checkpoint_reader import CheckpointReader, open_checkpoint
     from granular_moe.hf.megatron_io import megatron_logits, one_process_args
     from granular_moe.hf.skeleton import checkpoint_layout, sharding_metadata, skeleton
-    from granular_moe.training.checkpoint import read_checkpoint, require_checkpoint
 
-    load = Path(load)
-    directory = load if (load / "metadata.json").is_file() else require_checkpoint(load)
-    if verify:
-        from granular_moe.training.checkpoint_integrity import verify_checkpoint
-
-        verify_checkpoint(directory)
-    args = one_process_args(read_checkpoint(directory), torch.float32)
+    directory, saved, stored = open_checkpoint(load, verify)
+    args = one_process_args(saved, torch.float32)
     model = skeleton(args, args.padded_vocab_size)
-    stored = dist_checkpointing.load_content_metadata(str(directory)) or {}
     tensors = checkpoint_layout(model, args, sharding_metadata(args, stored)).tensors
     reader = CheckpointReader(directory, tensors)
     prefix = "decoder.layers."
@@ -76,13 +75,14 @@ def megatron_side(load: Path, verify: bool):
             raise RuntimeError(f"{directory}: loading {module_prefix or 'the model'} left {meta[:4]} unloaded, "
                                f"{unexpected[:4]} unused")
 
-    load_into(model, "", [name for name in tensors if _layer_of(name, prefix) is None])
+    by_layer = _by_layer(tensors, prefix)
+    load_into(model, "", by_layer.get(None, []))
     outputs: dict[int, torch.Tensor] = {}
     for number, layer in enumerate(model.decoder.layers):
         global_number = layer.layer_number - 1
 
         def before(module, inputs, number=global_number):
-            load_into(module, f"{prefix}{number}.", [n for n in tensors if _layer_of(n, prefix) == number])
+            load_into(module, f"{prefix}{number}.", by_layer.get(number, []))
 
         def after(module, inputs, output, number=global_number):
             outputs[number] = _output(output).detach().transpose(0, 1).clone()  # [b, s, h]
@@ -130,13 +130,14 @@ def hf_side(folder: Path):
                                f"of another shape {sorted(info.mismatched_keys)[:4]}")
 
     _rebuild_meta_buffers(model)
-    load([name for name in headers if _layer_of(name, prefix) is None])
+    by_layer = _by_layer(headers, prefix)
+    load(by_layer.get(None, []))
     if model.config.tie_word_embeddings:
         model.tie_weights()
     outputs: dict[int, torch.Tensor] = {}
     for number, layer in enumerate(model.model.layers):
         def before(module, args, kwargs, number=number):
-            load([name for name in headers if _layer_of(name, prefix) == number])
+            load(by_layer.get(number, []))
             meta = [name for name, param in module.named_parameters() if param.is_meta]
             if meta:
                 raise RuntimeError(f"{folder}: layer {number} has no tensors for {meta[:4]}")

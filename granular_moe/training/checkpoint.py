@@ -399,13 +399,33 @@ def _serializable(metadata: dict) -> dict:
     return {key: value for key, value in metadata.items() if key != "dp_cp_group"}
 
 
-def read_checkpoint(directory: Path) -> argparse.Namespace:
-    """The arguments a checkpoint was saved with (its files checked on the way)."""
+def with_stored(metadata: dict, stored: Optional[dict]) -> dict:
+    """The sharded-state-dict ``metadata`` a load uses, with the checkpoint's own ``stored`` content metadata
+    (what its save recorded of its layout) over it."""
+    return {**metadata, **_serializable(stored or {})}
+
+
+def read_saved(directory: Path) -> tuple[argparse.Namespace, dict]:
+    """The arguments a checkpoint was saved with and its content metadata, from one read of its common
+    state (its files checked on the way)."""
+    from megatron.core import dist_checkpointing
+
     common = _read_common(Path(directory))
     saved = common.get("args")
     if saved is None:
         raise CheckpointError(f"{directory}: common.pt holds no arguments ('args')")
-    return saved
+    return saved, dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+
+
+def read_checkpoint(directory: Path) -> argparse.Namespace:
+    """The arguments a checkpoint was saved with (its files checked on the way)."""
+    return read_saved(directory)[0]
+
+
+def checkpoint_folder(load: Path) -> Path:
+    """One ``iter_NNNNNNN`` folder as it is, else the newest checkpoint of a ``--save`` folder."""
+    load = Path(load)
+    return load if (load / "metadata.json").is_file() else require_checkpoint(load)
 
 
 def load_checkpoint(directory: Path, engine, args: argparse.Namespace, *, load_optimizer: bool = True,
@@ -416,15 +436,13 @@ def load_checkpoint(directory: Path, engine, args: argparse.Namespace, *, load_o
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    saved = read_checkpoint(directory)  # installs the trusted reader
+    saved, stored = read_saved(directory)  # installs the trusted reader
     if finetune:
         load_optimizer = load_rng = False
     notes = check_compatible(saved, args, directory, load_optimizer)
     if notes:
         load_rng = False
-    metadata = dict(_sharding_metadata(args))
-    stored = dist_checkpointing.load_content_metadata(str(directory)) or {}
-    metadata.update({key: value for key, value in stored.items() if key != "dp_cp_group"})
+    metadata = with_stored(_sharding_metadata(args), stored)
     request = sharded_state_dict(engine, args, metadata, optimizer=load_optimizer, rng=load_rng, loading=True)
     try:
         loaded = dist_checkpointing.load(request, str(directory))

@@ -42,6 +42,18 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, ALGORITHM).hexdigest()
 
 
+def _files(directory: Path) -> list[str]:
+    """The names of the checkpoint's files a manifest covers (every file but the manifest), sorted."""
+    return sorted(entry.name for entry in directory.iterdir() if entry.is_file() and entry.name != INTEGRITY_FILE)
+
+
+def _digests(directory: Path, names: list[str], threads: Optional[int]) -> list[str]:
+    """The SHA-256 of each of ``names`` in ``directory``, on ``threads`` threads (default: the cores, at most 8)."""
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names) or 1))) as pool:
+        return list(pool.map(lambda name: file_digest(directory / name), names))
+
+
 def read_manifest(directory: Path) -> dict[str, str]:
     """The digests ``integrity.json`` lists, by file name; an error naming it when it is missing or damaged."""
     path = Path(directory) / INTEGRITY_FILE
@@ -70,14 +82,12 @@ def write_manifest(directory: Path, known: Optional[dict[str, str]] = None, thre
     bytes were in their page cache, in parallel); the other files are hashed here, on ``threads`` threads."""
     directory = Path(directory)
     known = known or {}
-    names = sorted(entry.name for entry in directory.iterdir() if entry.is_file() and entry.name != INTEGRITY_FILE)
+    names = _files(directory)
     strangers = sorted(set(known) - set(names))
     if strangers:
         raise CheckpointError(f"{directory}: digests given for files it does not hold: {strangers}")
     missing = [name for name in names if name not in known]
-    workers = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing) or 1))) as pool:
-        hashed = dict(zip(missing, pool.map(lambda name: file_digest(directory / name), missing)))
+    hashed = dict(zip(missing, _digests(directory, missing, threads)))
     with open(directory / INTEGRITY_FILE, "w") as handle:
         json.dump({"algorithm": ALGORITHM, "files": {name: known.get(name) or hashed[name] for name in names}},
                   handle, indent=2)
@@ -95,7 +105,7 @@ def verify_checkpoint(directory: Path, share: tuple[int, int] = (0, 1), threads:
     :class:`~granular_moe.training.checkpoint.CheckpointError` naming each damaged, missing or unlisted file."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    present = {entry.name for entry in directory.iterdir() if entry.is_file()} - {INTEGRITY_FILE}
+    present = set(_files(directory))
     problems = [f"{directory}: {name} is missing ({INTEGRITY_FILE} lists it)"
                 for name in sorted(set(manifest) - present)]
     problems += [f"{directory / name} is not one of the files the save wrote ({INTEGRITY_FILE} does not list it)"
@@ -104,10 +114,7 @@ def verify_checkpoint(directory: Path, share: tuple[int, int] = (0, 1), threads:
         raise CheckpointError("\n".join(problems))
     index, count = share
     mine = sorted(manifest)[index::count]
-    workers = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(mine) or 1))) as pool:
-        digests = list(pool.map(lambda name: file_digest(directory / name), mine))
-    damaged = [name for name, digest in zip(mine, digests) if digest != manifest[name]]
+    damaged = [name for name, digest in zip(mine, _digests(directory, mine, threads)) if digest != manifest[name]]
     if damaged:
         raise CheckpointError("\n".join(
             f"{directory / name} is damaged: its SHA-256 differs from the one {INTEGRITY_FILE} recorded at save"

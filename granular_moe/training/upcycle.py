@@ -272,11 +272,11 @@ def _sharding_metadata(directory: Path) -> dict:
     builds it."""
     from megatron.core import dist_checkpointing
 
+    from granular_moe.training.checkpoint import with_stored
+
     metadata = {"singleton_local_shards": False,
                 "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    stored = dist_checkpointing.load_content_metadata(str(directory)) or {}
-    metadata.update({key: value for key, value in stored.items() if key != "dp_cp_group"})
-    return metadata
+    return with_stored(metadata, dist_checkpointing.load_content_metadata(str(directory)))
 
 
 def _load_shared(chunk, dense: dict, moe_layers: list, directory: Path) -> None:

@@ -72,6 +72,11 @@ def given_topk(args) -> str:
     return f"{args.moe_router_topk}" if g == 1 else f"{args.moe_router_topk // g} (x --moe-granularity {g})"
 
 
+def dense_layers(args) -> list[int]:
+    """The dense layers' indices (Qwen's ``mlp_only_layers``)."""
+    return [layer for layer, moe in enumerate(moe_pattern(args)) if not moe]
+
+
 def aux_loss_coeff(args) -> float:
     coeff = get(args, "moe_aux_loss_coeff", 0.0)
     return float(coeff[0] if isinstance(coeff, list) else coeff)
@@ -249,6 +254,19 @@ def import_problems(config, *, bias_key: str | None = "attention_bias", partial_
     if factor != 1.0 and not partial_rope:
         problems.append(f"rope_parameters.partial_rotary_factor {factor}: the model's code rotates whole heads")
     return problems
+
+
+def renormalised_top1_problems(config) -> list[str]:
+    """``norm_topk_prob`` with top-1 (Qwen3-MoE, Qwen2-MoE, OLMoE): every gate 1, which the job does not route."""
+    if config.num_experts_per_tok == 1 and config.norm_topk_prob:
+        return ["num_experts_per_tok 1 with norm_topk_prob true: every gate would be 1; megatron-core routes top-1 "
+                "with the expert's probability"]
+    return []
+
+
+def config_head_dim(config) -> int:
+    """A ``config.json``'s head width: ``head_dim`` where it has one, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def common_flags(config, experts: int, expert_width: int, ffn: int) -> list:

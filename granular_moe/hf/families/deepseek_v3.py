@@ -40,13 +40,27 @@ def export_problems(args) -> list[str]:
 def config(args, vocab_size: int, special_ids: dict, dtype: str):
     from transformers import DeepseekV3Config
 
-    group_topk = c.get(args, "moe_router_group_topk")
     return DeepseekV3Config(
         **c.common_config(args, vocab_size, special_ids, dtype, ARCHITECTURE),
-        intermediate_size=c.ffn_hidden_size(args),
-        moe_intermediate_size=args.moe_ffn_hidden_size,
+        **routing_fields(args),
         attention_bias=False,
         num_key_value_heads=args.num_attention_heads,
+        q_lora_rank=c.get(args, "q_lora_rank"),
+        kv_lora_rank=args.kv_lora_rank,
+        qk_rope_head_dim=args.qk_pos_emb_head_dim,
+        qk_nope_head_dim=args.qk_head_dim,
+        v_head_dim=args.v_head_dim,
+        rope_interleave=True,
+    )
+
+
+def routing_fields(args) -> dict:
+    """The ``config.json`` fields of DeepSeek-style routing, the shared expert and the dense layers first
+    (shared with GLM-4.5); no multi-token prediction layers."""
+    group_topk = c.get(args, "moe_router_group_topk")
+    return dict(
+        intermediate_size=c.ffn_hidden_size(args),
+        moe_intermediate_size=args.moe_ffn_hidden_size,
         n_routed_experts=args.num_experts,
         n_shared_experts=args.moe_shared_expert_intermediate_size // args.moe_ffn_hidden_size,
         routed_scaling_factor=float(c.get(args, "moe_router_topk_scaling_factor", 1.0)),
@@ -54,12 +68,6 @@ def config(args, vocab_size: int, special_ids: dict, dtype: str):
         topk_group=group_topk or 1,
         norm_topk_prob=args.moe_router_topk > 1,
         first_k_dense_replace=c.moe_pattern(args).count(0),
-        q_lora_rank=c.get(args, "q_lora_rank"),
-        kv_lora_rank=args.kv_lora_rank,
-        qk_rope_head_dim=args.qk_pos_emb_head_dim,
-        qk_nope_head_dim=args.qk_head_dim,
-        v_head_dim=args.v_head_dim,
-        rope_interleave=True,
         num_nextn_predict_layers=0,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from granular_moe.hf.families import Family
 from granular_moe.hf.families import common as c
-from granular_moe.hf.families.deepseek_v3 import moe_mlp, routing_flags, routing_import_problems
+from granular_moe.hf.families.deepseek_v3 import moe_mlp, routing_fields, routing_flags, routing_import_problems
 
 NAME, TITLE, ARCHITECTURE = "glm4_moe", "GLM-4.5", "Glm4MoeForCausalLM"
 
@@ -32,29 +32,19 @@ def config(args, vocab_size: int, special_ids: dict, dtype: str):
 
     fields = c.common_config(args, vocab_size, special_ids, dtype, ARCHITECTURE)
     fields["rope_parameters"]["partial_rotary_factor"] = c.rotary_percent(args)
-    group_topk = c.get(args, "moe_router_group_topk")
     return Glm4MoeConfig(
         **fields,
-        intermediate_size=c.ffn_hidden_size(args),
-        moe_intermediate_size=args.moe_ffn_hidden_size,
+        **routing_fields(args),
         num_key_value_heads=c.query_groups(args),
         head_dim=c.head_dim(args),
         attention_bias=bool(c.get(args, "add_qkv_bias", False)),
         use_qk_norm=c.qk_norm(args) == "head",
-        n_routed_experts=args.num_experts,
-        n_shared_experts=args.moe_shared_expert_intermediate_size // args.moe_ffn_hidden_size,
-        routed_scaling_factor=float(c.get(args, "moe_router_topk_scaling_factor", 1.0)),
-        n_group=c.get(args, "moe_router_num_groups", 1) if group_topk else 1,
-        topk_group=group_topk or 1,
-        norm_topk_prob=args.moe_router_topk > 1,
-        first_k_dense_replace=c.moe_pattern(args).count(0),
-        num_nextn_predict_layers=0,
     )
 
 
 def import_problems(config) -> list[str]:
     problems = c.import_problems(config, bias_key=None, partial_rope=True)
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head = c.config_head_dim(config)
     factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
     if int(head * factor) % 2:
         problems.append(f"rope_parameters.partial_rotary_factor {factor} of head_dim {head}: rope needs an even "
@@ -63,9 +53,8 @@ def import_problems(config) -> list[str]:
 
 
 def flags(config) -> list:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     out = c.common_flags(config, config.n_routed_experts, config.moe_intermediate_size, config.intermediate_size)
-    out += [*c.gqa_flags(config, head_width=head), *routing_flags(config),
+    out += [*c.gqa_flags(config, head_width=c.config_head_dim(config)), *routing_flags(config),
             "--rotary-percent", config.rope_parameters.get("partial_rotary_factor", 1.0)]
     if config.attention_bias:
         out.append("--add-qkv-bias")

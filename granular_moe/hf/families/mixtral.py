@@ -51,9 +51,9 @@ def import_problems(config) -> list[str]:
 
 
 def flags(config) -> list:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     out = c.common_flags(config, config.num_local_experts, config.intermediate_size, config.intermediate_size)
-    return out + [*c.gqa_flags(config, head_width=head), "--moe-aux-loss-coeff", config.router_aux_loss_coef]
+    return out + [*c.gqa_flags(config, head_width=c.config_head_dim(config)),
+                  "--moe-aux-loss-coeff", config.router_aux_loss_coef]
 
 
 def mappings(args, vocab_size: int) -> list:

@@ -50,9 +50,7 @@ def import_problems(config) -> list[str]:
     if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
         problems.append(f"head_dim {config.head_dim}: OLMoE's q_norm is hidden_size wide, so its heads are "
                         "hidden_size / num_attention_heads wide")
-    if config.num_experts_per_tok == 1 and config.norm_topk_prob:
-        problems.append("num_experts_per_tok 1 with norm_topk_prob true: every gate would be 1; megatron-core "
-                        "routes top-1 with the expert's probability")
+    problems += c.renormalised_top1_problems(config)
     return problems
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from granular_moe.hf.families import Family
 from granular_moe.hf.families import common as c
+from granular_moe.hf.families.qwen3_moe import moe_layers, qwen_import_problems, qwen_moe_fields
 from granular_moe.hf.mappings import Same, dim
 
 NAME, TITLE, ARCHITECTURE = "qwen2_moe", "Qwen2-MoE", "Qwen2MoeForCausalLM"
@@ -28,40 +29,24 @@ def config(args, vocab_size: int, special_ids: dict, dtype: str):
 
     return Qwen2MoeConfig(
         **c.common_config(args, vocab_size, special_ids, dtype, ARCHITECTURE),
-        intermediate_size=c.ffn_hidden_size(args),
-        moe_intermediate_size=args.moe_ffn_hidden_size,
+        **qwen_moe_fields(args),
         shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        num_key_value_heads=c.query_groups(args),
         # Qwen2-MoE's code reads head_dim when the config has one (hidden_size / num_attention_heads otherwise)
         **({} if c.head_dim(args) * args.num_attention_heads == args.hidden_size else {"head_dim": c.head_dim(args)}),
         qkv_bias=bool(c.get(args, "add_qkv_bias", False)),
-        use_sliding_window=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[layer for layer, moe in enumerate(c.moe_pattern(args)) if not moe],
-        num_experts=args.num_experts,
-        norm_topk_prob=not c.pre_softmax(args),
-        router_aux_loss_coef=c.aux_loss_coeff(args),
     )
 
 
 def import_problems(config) -> list[str]:
-    problems = c.import_problems(config, bias_key=None)
-    if config.use_sliding_window:
-        problems.append("use_sliding_window true: the job attends to the whole sequence")
-    if config.num_experts_per_tok == 1 and config.norm_topk_prob:
-        problems.append("num_experts_per_tok 1 with norm_topk_prob true: every gate would be 1; megatron-core "
-                        "routes top-1 with the expert's probability")
+    problems = c.import_problems(config, bias_key=None) + qwen_import_problems(config)
     if not config.shared_expert_intermediate_size:
         problems.append("shared_expert_intermediate_size 0: import-hf needs the shared expert")
     return problems
 
 
 def flags(config) -> list:
-    from granular_moe.hf.families.qwen3_moe import moe_layers
-
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     out = c.common_flags(config, config.num_experts, config.moe_intermediate_size, config.intermediate_size)
-    out += [*c.gqa_flags(config, head_width=head), "--moe-layer-freq", str(moe_layers(config)),
+    out += [*c.gqa_flags(config, head_width=c.config_head_dim(config)), "--moe-layer-freq", str(moe_layers(config)),
             "--moe-shared-expert-intermediate-size", config.shared_expert_intermediate_size, "--moe-shared-expert-gate",
             "--moe-aux-loss-coeff", config.router_aux_loss_coef]
     if config.qkv_bias:

@@ -24,30 +24,36 @@ def export_problems(args) -> list[str]:
 def config(args, vocab_size: int, special_ids: dict, dtype: str):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(
-        **c.common_config(args, vocab_size, special_ids, dtype, ARCHITECTURE),
+    return Qwen3MoeConfig(**c.common_config(args, vocab_size, special_ids, dtype, ARCHITECTURE),
+                          **qwen_moe_fields(args), attention_bias=False, head_dim=c.head_dim(args))
+
+
+def qwen_moe_fields(args) -> dict:
+    """The ``config.json`` fields of Qwen's MoE layout (shared with Qwen2-MoE): softmax routing, dense layers
+    anywhere, no sliding window."""
+    return dict(
         intermediate_size=c.ffn_hidden_size(args),
         moe_intermediate_size=args.moe_ffn_hidden_size,
-        attention_bias=False,
         num_key_value_heads=c.query_groups(args),
-        head_dim=c.head_dim(args),
         use_sliding_window=False,
         decoder_sparse_step=1,
-        mlp_only_layers=[layer for layer, moe in enumerate(c.moe_pattern(args)) if not moe],
+        mlp_only_layers=c.dense_layers(args),
         num_experts=args.num_experts,
         norm_topk_prob=not c.pre_softmax(args),
         router_aux_loss_coef=c.aux_loss_coeff(args),
     )
 
 
-def import_problems(config) -> list[str]:
-    problems = c.import_problems(config)
+def qwen_import_problems(config) -> list[str]:
+    """What the job cannot build of Qwen's MoE layout (shared with Qwen2-MoE)."""
+    problems = []
     if getattr(config, "use_sliding_window", False):
         problems.append("use_sliding_window true: the job attends to the whole sequence")
-    if config.num_experts_per_tok == 1 and config.norm_topk_prob:
-        problems.append("num_experts_per_tok 1 with norm_topk_prob true: every gate would be 1; megatron-core "
-                        "routes top-1 with the expert's probability")
-    return problems
+    return problems + c.renormalised_top1_problems(config)
+
+
+def import_problems(config) -> list[str]:
+    return c.import_problems(config) + qwen_import_problems(config)
 
 
 def moe_layers(config) -> list[int]:
@@ -56,10 +62,9 @@ def moe_layers(config) -> list[int]:
 
 
 def flags(config) -> list:
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     out = c.common_flags(config, config.num_experts, config.moe_intermediate_size, config.intermediate_size)
-    out += ["--qk-layernorm", *c.gqa_flags(config, head_width=head), "--moe-layer-freq", str(moe_layers(config)),
-            "--moe-aux-loss-coeff", config.router_aux_loss_coef]
+    out += ["--qk-layernorm", *c.gqa_flags(config, head_width=c.config_head_dim(config)),
+            "--moe-layer-freq", str(moe_layers(config)), "--moe-aux-loss-coeff", config.router_aux_loss_coef]
     if not config.norm_topk_prob:
         out.append("--moe-router-pre-softmax")
     return out
